@@ -1,0 +1,216 @@
+"""Eagle3Qwen3Config: the draft's configuration, readable by transformers' AutoConfig and vLLM.
+
+The config keeps ``model_type: "qwen3"`` so that ``AutoConfig`` (which vLLM uses to parse
+the draft's ``config.json``) reads it without remote code. EAGLE-3 specific keys are plain
+extra attributes that vLLM reads by name (see the contract in docs/DESIGN.md).
+
+The one layer-numbering convention (see README "Layer numbers"):
+
+* command line (``--layers``/``--target-layers``): 0-based decoder layer index ``i``; the
+  captured state is the OUTPUT of layer ``i``.
+* vLLM (``eagle_aux_hidden_state_layer_ids``): the residual stream ENTERING layer ``j``,
+  so the same state has id ``j = i + 1``.
+
+``to_vllm_layer_ids`` is the only place that converts between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import Qwen3Config
+
+# What vLLM needs copied verbatim from the target so that positions and vocab line up.
+_COPIED_FROM_TARGET = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "hidden_act",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "vocab_size",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_bias",
+    "rope_parameters",
+)
+
+
+# --draft-arch: which vLLM/SGLang class serves the draft. "qwen3" keeps Qwen3's q/k norms
+# (vLLM >= 0.25); "llama" drops them (SGLang and older vLLM only know this one).
+DRAFT_ARCHITECTURES = {
+    "qwen3": {"model_type": "qwen3", "architectures": ["Eagle3Qwen3ForCausalLM"]},
+    "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLMEagle3"]},
+}
+
+
+class Eagle3ConfigError(ValueError):
+    """A draft configuration that would silently produce a broken draft."""
+
+
+def default_target_layers(num_target_layers: int) -> list[int]:
+    """EAGLE-3's default aux layers in command-line numbering: (1, L//2 - 1, L - 4).
+
+    These are vLLM's default ids (2, L//2, L - 3) written as "output of 0-based layer i".
+    """
+    layers = sorted({1, num_target_layers // 2 - 1, num_target_layers - 4})
+    return [layer for layer in layers if 0 <= layer < num_target_layers]
+
+
+def validate_target_layers(
+    layers: Sequence[int], num_target_layers: int, flag: str = "--layers"
+) -> list[int]:
+    """Check command-line layer numbers against the target; return them sorted ascending.
+
+    vLLM concatenates aux states in ascending id order, so we always store them that way.
+    """
+    layers = [int(layer) for layer in layers]
+    if not layers:
+        raise Eagle3ConfigError(f"{flag}: give at least one layer (e.g. 1,{num_target_layers // 2},{num_target_layers - 4}).")
+    out_of_range = [layer for layer in layers if not 0 <= layer < num_target_layers]
+    if out_of_range:
+        raise Eagle3ConfigError(
+            f"{flag}: layer(s) {out_of_range} out of range; the target has {num_target_layers} "
+            f"decoder layers, numbered 0..{num_target_layers - 1} (layer i = output of layer i)."
+        )
+    duplicates = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if duplicates:
+        raise Eagle3ConfigError(f"{flag}: layer(s) {duplicates} given more than once; each layer may appear once.")
+    return sorted(layers)
+
+
+def to_vllm_layer_ids(layers: Sequence[int]) -> list[int]:
+    """Command-line layer numbers (output of layer i) -> vLLM aux ids (input of layer i+1)."""
+    return [int(layer) + 1 for layer in layers]
+
+
+def parse_layers(text: str | Sequence[int] | None, flag: str = "--layers") -> list[int] | None:
+    """Parse "0,13,27" (or a list) into ints with a message that names the flag."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        return [int(x) for x in text]
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise Eagle3ConfigError(f"{flag}: expected comma-separated integers like 0,13,27, got {text!r}.") from None
+
+
+class Eagle3Qwen3Config(Qwen3Config):
+    """Configuration of an EAGLE-3 draft for a Qwen3 target.
+
+    ``num_hidden_layers`` is the number of DRAFT layers. ``vocab_size`` stays the
+    target's; ``draft_vocab_size`` is the size of the draft's ``lm_head``.
+    """
+
+    # Keep qwen3 so AutoConfig (and thus vLLM) can read it; the architecture name selects
+    # vLLM's Eagle3Qwen3ForCausalLM.
+    model_type = "qwen3"
+
+    def __init__(
+        self,
+        draft_vocab_size: int | None = None,
+        target_hidden_size: int | None = None,
+        target_num_hidden_layers: int | None = None,
+        target_layers: Sequence[int] | None = None,
+        eagle_aux_hidden_state_layer_ids: Sequence[int] | None = None,
+        target_model_name_or_path: str | None = None,
+        norm_before_residual: bool = False,
+        draft_arch: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if draft_arch is None:  # a saved llama-format draft says so through its architectures
+            draft_arch = "llama" if "LlamaForCausalLMEagle3" in (kwargs.get("architectures") or []) else "qwen3"
+        if draft_arch not in DRAFT_ARCHITECTURES:
+            raise Eagle3ConfigError(f"--draft-arch must be one of {sorted(DRAFT_ARCHITECTURES)}, got {draft_arch!r}.")
+        self.draft_arch = draft_arch
+        kwargs["architectures"] = DRAFT_ARCHITECTURES[draft_arch]["architectures"]
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+        self.draft_vocab_size = draft_vocab_size if draft_vocab_size is not None else self.vocab_size
+        self.target_hidden_size = target_hidden_size if target_hidden_size is not None else self.hidden_size
+        self.target_num_hidden_layers = target_num_hidden_layers
+        if target_layers is None and eagle_aux_hidden_state_layer_ids is not None:
+            target_layers = [int(i) - 1 for i in eagle_aux_hidden_state_layer_ids]
+        if target_layers is None and target_num_hidden_layers is not None:
+            target_layers = default_target_layers(target_num_hidden_layers)
+        self.target_layers = list(target_layers) if target_layers is not None else None
+        self.eagle_aux_hidden_state_layer_ids = (
+            to_vllm_layer_ids(self.target_layers) if self.target_layers is not None else None
+        )
+        if (
+            eagle_aux_hidden_state_layer_ids is not None
+            and list(eagle_aux_hidden_state_layer_ids) != self.eagle_aux_hidden_state_layer_ids
+        ):
+            raise Eagle3ConfigError(
+                f"config: target_layers {self.target_layers} (output of layer i) and "
+                f"eagle_aux_hidden_state_layer_ids {list(eagle_aux_hidden_state_layer_ids)} (vLLM ids = i + 1) "
+                "disagree; fix one of them."
+            )
+        self.target_model_name_or_path = target_model_name_or_path
+        self.norm_before_residual = norm_before_residual
+        self.validate_eagle3()
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["model_type"] = DRAFT_ARCHITECTURES[self.draft_arch]["model_type"]
+        return output
+
+    @property
+    def num_aux_layers(self) -> int:
+        return len(self.target_layers or [])
+
+    def validate_eagle3(self) -> None:
+        """Raise Eagle3ConfigError on anything that would give a silently broken draft."""
+        if self.draft_vocab_size > self.vocab_size:
+            raise Eagle3ConfigError(
+                f"draft_vocab_size={self.draft_vocab_size} is larger than the target vocabulary "
+                f"({self.vocab_size}); use --draft-vocab-size <= {self.vocab_size}."
+            )
+        if self.draft_vocab_size < 1:
+            raise Eagle3ConfigError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}.")
+        if self.target_layers is not None and self.target_num_hidden_layers is not None:
+            validate_target_layers(self.target_layers, self.target_num_hidden_layers, flag="target_layers")
+            if list(self.target_layers) != sorted(self.target_layers):
+                raise Eagle3ConfigError(f"target_layers {self.target_layers} must be ascending (vLLM concatenates in id order).")
+
+    @classmethod
+    def from_target_config(
+        cls,
+        target_config: Qwen3Config,
+        target_layers: Sequence[int] | None = None,
+        num_draft_layers: int = 1,
+        draft_vocab_size: int | None = None,
+        target_model_name_or_path: str | None = None,
+        draft_arch: str = "qwen3",
+    ) -> Eagle3Qwen3Config:
+        """Build a draft config whose sizes, rope and vocab are copied from the target's."""
+        num_target_layers = target_config.num_hidden_layers
+        if target_layers is None:
+            target_layers = default_target_layers(num_target_layers)
+        target_layers = validate_target_layers(target_layers, num_target_layers, flag="--target-layers")
+        if num_draft_layers < 1:
+            raise Eagle3ConfigError(f"--num-draft-layers must be >= 1, got {num_draft_layers}.")
+        copied = {key: getattr(target_config, key) for key in _COPIED_FROM_TARGET if hasattr(target_config, key)}
+        if copied.get("head_dim") is None:
+            copied["head_dim"] = target_config.hidden_size // target_config.num_attention_heads
+        vocab_size = target_config.vocab_size
+        return cls(
+            **copied,
+            num_hidden_layers=num_draft_layers,
+            layer_types=["full_attention"] * num_draft_layers,
+            use_sliding_window=False,
+            draft_vocab_size=draft_vocab_size or vocab_size,
+            draft_arch=draft_arch,
+            target_hidden_size=target_config.hidden_size,
+            target_num_hidden_layers=num_target_layers,
+            target_layers=target_layers,
+            target_model_name_or_path=target_model_name_or_path
+            or getattr(target_config, "_name_or_path", None)
+            or None,
+            dtype=str(getattr(target_config, "dtype", None) or "float32").replace("torch.", ""),
+        )

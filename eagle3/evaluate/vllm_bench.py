@@ -1,0 +1,126 @@
+"""Run the target in vLLM with and without an EAGLE-3 draft and read vLLM's own counters.
+
+Used by ``run_eval.py --backend vllm``, the tests and the demo. vLLM spawns worker processes,
+so callers that are not a ``__main__`` script (pytest, the demo) run this module as a
+subprocess: ``python -m eagle3.evaluate.vllm_bench --model T --draft D --prompts P --json OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class VllmRun:
+    texts: list[str]
+    token_ids: list[list[int]]
+    seconds: float
+    generated_tokens: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Mean tokens per target step: 1 + accepted / drafts (vLLM's definition)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "acceptance_length": self.acceptance_length, "tokens_per_second": self.tokens_per_second}
+
+
+def _spec_decode_counters(metrics) -> dict:
+    counters = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "accepted_per_position": []}
+    for metric in metrics:
+        name = metric.name.removeprefix("vllm:spec_decode_")
+        if name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            counters[name] += int(metric.value)
+        elif name == "num_accepted_tokens_per_pos":
+            counters["accepted_per_position"] = [int(v) for v in metric.values]
+    return counters
+
+
+def run_vllm(
+    model: str,
+    prompts: list[str] | list[list[int]],
+    draft: str | None = None,
+    num_speculative_tokens: int = 3,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    max_model_len: int = 1024,
+    seed: int = 0,
+) -> VllmRun:
+    """Generate for ``prompts`` (text or token ids) with vLLM, optionally speculating with ``draft``."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
+    speculative_config = None
+    if draft is not None:
+        speculative_config = {"model": draft, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
+    llm = LLM(
+        model=model,
+        speculative_config=speculative_config,
+        max_model_len=max_model_len,
+        disable_log_stats=False,
+        seed=seed,
+        enforce_eager=True,
+    )
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    if prompts and not isinstance(prompts[0], str):
+        inputs = [{"prompt_token_ids": ids} for ids in prompts]
+    else:
+        inputs = prompts
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    token_ids = [list(out.outputs[0].token_ids) for out in outputs]
+    run = VllmRun(
+        texts=[out.outputs[0].text for out in outputs],
+        token_ids=token_ids,
+        seconds=seconds,
+        generated_tokens=sum(len(ids) for ids in token_ids),
+        **(_spec_decode_counters(llm.get_metrics()) if draft is not None else {}),
+    )
+    del llm
+    gc.collect()
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="target model (folder or hub id)")
+    parser.add_argument("--draft", help="EAGLE-3 draft folder; leave out for target-only")
+    parser.add_argument("--baseline", action="store_true", help="also run target-only and compare outputs")
+    parser.add_argument("--prompts", required=True, help="JSON file: a list of strings or of token-id lists")
+    parser.add_argument("--num-speculative-tokens", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--json", required=True, help="where to write the results")
+    args = parser.parse_args(argv)
+    with open(args.prompts) as handle:
+        prompts = json.load(handle)
+    common = dict(max_tokens=args.max_tokens, temperature=args.temperature, max_model_len=args.max_model_len)
+    results: dict = {}
+    if args.baseline or args.draft is None:
+        results["baseline"] = run_vllm(args.model, prompts, **common).to_dict()
+    if args.draft is not None:
+        results["speculative"] = run_vllm(
+            args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
+        ).to_dict()
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""A tiny Qwen3 target, built deterministically on this machine (no hub access needed).
+
+Tests and the demo need a real Qwen3 checkpoint that vLLM (CPU build) and transformers both
+load: a byte-level BPE tokenizer with ChatML special tokens and a chat template, and Qwen3
+weights with head_dim 64 (vLLM's CPU attention rejects smaller heads). ``trained=True``
+additionally trains it for a short while on synthetic chat data so that its answers are
+predictable and a draft can reach a meaningful acceptance length.
+
+Targets are cached under ``$EAGLE3_CACHE_DIR`` (default ``~/.cache/eagle3-qwen3``), keyed by
+the build recipe, and written atomically so concurrent test workers never see half a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+RECIPE_VERSION = "tiny-qwen3-v1"
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# A small ChatML template with Qwen3's thinking switch: with enable_thinking=False the
+# generation prompt carries an empty think block, as Qwen3's own template does.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+
+_WORDS = (
+    "apple river stone cloud green music window garden silver paper orange bridge forest "
+    "candle rocket yellow winter summer purple planet ocean mirror pencil castle thunder "
+    "coffee dragon island basket marble violet copper tiger falcon meadow harbor lantern"
+).split()
+_NUMBER_WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
+
+
+def _synthetic_exchange(rng: random.Random) -> tuple[str, str]:
+    """One user request and the deterministic answer a well-behaved assistant gives."""
+    kind = rng.randrange(6)
+    if kind == 0:
+        start = rng.randrange(1, 40)
+        end = start + rng.randrange(3, 12)
+        return f"Count from {start} to {end}.", ", ".join(str(i) for i in range(start, end + 1)) + "."
+    if kind == 1:
+        word = rng.choice(_WORDS)
+        return f"Spell the word {word}.", f"The word {word} is spelled " + "-".join(word.upper()) + "."
+    if kind == 2:
+        a, b = rng.randrange(0, 50), rng.randrange(0, 50)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if kind == 3:
+        words = rng.sample(_WORDS, rng.randrange(3, 7))
+        return "Repeat after me: " + " ".join(words) + ".", " ".join(words).capitalize() + "."
+    if kind == 4:
+        n = rng.randrange(0, len(_NUMBER_WORDS))
+        return f"Write the number {n} in words.", f"The number {n} is written as {_NUMBER_WORDS[n]}."
+    words = rng.sample(_WORDS, 4)
+    return (
+        "Sort these words: " + ", ".join(words) + ".",
+        "In alphabetical order: " + ", ".join(sorted(words)) + ".",
+    )
+
+
+def synthetic_conversations(count: int, seed: int = 0, turns: int = 1) -> list[dict]:
+    """``count`` OpenAI-style conversations ({"messages": [...]}) with ``turns`` exchanges each."""
+    rng = random.Random(seed)
+    conversations = []
+    for _ in range(count):
+        messages = []
+        for _ in range(turns):
+            question, answer = _synthetic_exchange(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        conversations.append({"messages": messages})
+    return conversations
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+def _render(messages: list[dict]) -> str:
+    """ChatML text as the target is trained on it (empty think block before each answer,
+    i.e. how the template renders a generation prompt with enable_thinking=False)."""
+    text = ""
+    for message in messages:
+        content = message["content"]
+        if message["role"] == "assistant":
+            content = "<think>\n\n</think>\n\n" + content
+        text += f"<|im_start|>{message['role']}\n{content}<|im_end|>\n"
+    return text
+
+
+def _build_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_tiny_target(
+    output_dir: str | Path,
+    trained: bool = False,
+    seed: int = 0,
+    num_layers: int = 8,
+    hidden_size: int = 128,
+    train_steps: int = 400,
+) -> Path:
+    """Write a tiny Qwen3 checkpoint (config, safetensors, tokenizer) into ``output_dir``."""
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    output_dir = Path(output_dir)
+    torch.manual_seed(seed)
+    corpus = [_render(c["messages"]) for c in synthetic_conversations(3000, seed=seed + 1, turns=2)]
+    tokenizer = _build_tokenizer(corpus, vocab_size=1000)
+    vocab_size = (len(tokenizer) + 63) // 64 * 64  # padded, as real checkpoints are
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=max(1, hidden_size // 128),
+        head_dim=64,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        dtype="float32",
+    )
+    model = Qwen3ForCausalLM(config)
+    if trained:
+        _train_briefly(model, tokenizer, corpus, train_steps, seed)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[config.eos_token_id, config.pad_token_id],
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def _train_briefly(model, tokenizer, corpus: list[str], steps: int, seed: int) -> None:
+    """Next-token training on the synthetic chats: enough for confident, regular answers."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = [torch.tensor(tokenizer(text)["input_ids"]) for text in corpus]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        batch_index = torch.randint(len(ids), (16,), generator=generator)
+        batch = torch.nn.utils.rnn.pad_sequence(
+            [ids[i] for i in batch_index], batch_first=True, padding_value=tokenizer.pad_token_id
+        )
+        labels = batch.masked_fill(batch == tokenizer.pad_token_id, -100)
+        loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EAGLE3_CACHE_DIR", Path.home() / ".cache" / "eagle3-qwen3"))
+
+
+def tiny_target(trained: bool = False, **kwargs) -> Path:
+    """Path to a cached tiny Qwen3 target, building it on first use."""
+    key = json.dumps({"recipe": RECIPE_VERSION, "trained": trained, **kwargs}, sort_keys=True)
+    name = f"tiny-qwen3-{'trained' if trained else 'random'}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    final = cache_dir() / name
+    if (final / "model.safetensors").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
+    build_tiny_target(staging, trained=trained, **kwargs)
+    try:
+        staging.rename(final)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
