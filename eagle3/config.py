@@ -157,7 +157,9 @@ class Eagle3Qwen3Config(Qwen3Config):
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        output["model_type"] = DRAFT_ARCHITECTURES[self.draft_arch]["model_type"]
+        # save_pretrained stamps the Python class name into `architectures`; vLLM picks its
+        # draft class from this field, so it must name the served format instead.
+        output.update(DRAFT_ARCHITECTURES[self.draft_arch])
         return output
 
     @property

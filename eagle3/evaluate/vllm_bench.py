@@ -99,7 +99,9 @@ def run_vllm(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="target model (folder or hub id)")
-    parser.add_argument("--draft", help="EAGLE-3 draft folder; leave out for target-only")
+    parser.add_argument(
+        "--draft", action="append", default=[], help="EAGLE-3 draft folder (repeatable); leave out for target-only"
+    )
     parser.add_argument("--baseline", action="store_true", help="also run target-only and compare outputs")
     parser.add_argument("--prompts", required=True, help="JSON file: a list of strings or of token-id lists")
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
@@ -112,12 +114,14 @@ def main(argv: list[str] | None = None) -> None:
         prompts = json.load(handle)
     common = dict(max_tokens=args.max_tokens, temperature=args.temperature, max_model_len=args.max_model_len)
     results: dict = {}
-    if args.baseline or args.draft is None:
+    if args.baseline or not args.draft:
         results["baseline"] = run_vllm(args.model, prompts, **common).to_dict()
-    if args.draft is not None:
-        results["speculative"] = run_vllm(
-            args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
+    results["drafts"] = {
+        draft: run_vllm(
+            args.model, prompts, draft=draft, num_speculative_tokens=args.num_speculative_tokens, **common
         ).to_dict()
+        for draft in args.draft
+    }
     with open(args.json, "w") as handle:
         json.dump(results, handle, indent=1)
 

@@ -1,0 +1,120 @@
+"""The ``eagle3`` console command: small tools around a draft.
+
+    eagle3 check DRAFT_DIR --target TARGET      strict vLLM contract check (exit 1 on problems)
+    eagle3 new-draft --target TARGET --output DIR [--target-layers 1,3,4] [--draft-arch qwen3|llama]
+    eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from eagle3.config import Eagle3ConfigError, parse_layers
+
+
+def new_draft(
+    target: str | Path,
+    output_dir: str | Path,
+    target_layers: list[int] | None = None,
+    num_draft_layers: int = 1,
+    draft_vocab_size: int | None = None,
+    draft_arch: str = "qwen3",
+    seed: int = 0,
+) -> Path:
+    """Save an untrained draft for ``target``: sizes from its config, lm_head from its rows.
+
+    A reduced draft vocabulary here is simply the lowest ids; training builds the real one
+    from token counts.
+    """
+    import torch
+
+    from eagle3.config import Eagle3Qwen3Config
+    from eagle3.modeling import Eagle3Qwen3ForCausalLM
+    from eagle3.target import TargetHead
+
+    torch.manual_seed(seed)
+    head = TargetHead.from_pretrained(target)
+    config = Eagle3Qwen3Config.from_target_config(
+        head.config,
+        target_layers=target_layers,
+        num_draft_layers=num_draft_layers,
+        draft_vocab_size=draft_vocab_size,
+        target_model_name_or_path=str(target),
+        draft_arch=draft_arch,
+    )
+    model = Eagle3Qwen3ForCausalLM(config)
+    draft_ids = torch.arange(config.draft_vocab_size)
+    model.set_draft_vocab(draft_ids)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.lm_head[draft_ids].to(model.lm_head.weight.dtype))
+    model.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from eagle3.export.check import check_draft, errors, format_report
+
+    problems = check_draft(args.draft_dir, args.target)
+    print(format_report(args.draft_dir, args.target, problems))
+    return 1 if errors(problems) else 0
+
+
+def _cmd_new_draft(args: argparse.Namespace) -> int:
+    path = new_draft(
+        args.target,
+        args.output,
+        target_layers=parse_layers(args.target_layers, "--target-layers"),
+        num_draft_layers=args.num_draft_layers,
+        draft_vocab_size=args.draft_vocab_size,
+        draft_arch=args.draft_arch,
+    )
+    print(f"saved an untrained draft to {path}")
+    return 0
+
+
+def _cmd_tiny_target(args: argparse.Namespace) -> int:
+    from eagle3.testing import build_tiny_target
+
+    path = build_tiny_target(args.output_dir, trained=args.trained)
+    print(f"tiny Qwen3 target written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eagle3", description="EAGLE-3 draft tools for Qwen3 targets")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="check a saved draft against what vLLM expects for a target")
+    check.add_argument("draft_dir")
+    check.add_argument("--target", required=True, help="target model folder or Hub id")
+    check.set_defaults(run=_cmd_check)
+
+    draft = commands.add_parser("new-draft", help="save an untrained draft for a target")
+    draft.add_argument("--target", required=True)
+    draft.add_argument("--output", required=True)
+    draft.add_argument("--target-layers", help="0-based layer indices whose OUTPUT feeds the draft, e.g. 1,13,24")
+    draft.add_argument("--num-draft-layers", type=int, default=1)
+    draft.add_argument("--draft-vocab-size", type=int)
+    draft.add_argument("--draft-arch", choices=["qwen3", "llama"], default="qwen3")
+    draft.set_defaults(run=_cmd_new_draft)
+
+    tiny = commands.add_parser("tiny-target", help="build the tiny local Qwen3 target used by tests and the demo")
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--trained", action="store_true", help="train it briefly on synthetic chats (~1 min)")
+    tiny.set_defaults(run=_cmd_tiny_target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (Eagle3ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
