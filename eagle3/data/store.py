@@ -16,6 +16,13 @@ Tensors in a shard (T = total tokens of the shard, n = samples in it):
     offsets             [n+1] int64     sample i = rows offsets[i]:offsets[i+1]
     sample_keys         [n]   int64     position of the sample in the input stream (resume)
 
+manifest.json (top level): ``format_version``, ``layers`` (command-line numbering: output of
+0-based layer i), ``vllm_layer_ids`` (i + 1), ``hidden_size``, ``hidden_dtype``, ``target``
+({name_or_path, config_hash, num_hidden_layers, ...}), ``tokenizer_hash``, ``settings`` (the
+collection settings a resume must match), ``shards`` (name, rank, samples, tokens, assistant
+tokens, bytes, sha256) and the totals ``num_samples``, ``num_tokens``, ``num_assistant_tokens``,
+``num_bytes``, ``ranks``.
+
 Durability: a shard is written to ``*.tmp`` and renamed into place, then recorded in the
 manifest (also temp + rename, under a file lock so several ranks can share one directory).
 A crash loses at most the shard in flight; a shard that was renamed but not yet recorded is
@@ -24,6 +31,7 @@ adopted on the next start, so a restart neither loses nor duplicates a sample.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -48,6 +56,14 @@ class StoreError(RuntimeError):
     """The store on disk is missing, inconsistent or was collected with other settings."""
 
 
+class DiskFullError(StoreError):
+    """No space left while writing a shard; the manifest still describes only complete shards."""
+
+
+# "No space" comes in several flavours: a full disk, a quota, a file-size limit (ulimit -f).
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -58,11 +74,14 @@ def file_sha256(path: Path) -> str:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when something above failed
 
 
 @contextmanager
@@ -104,6 +123,9 @@ class StoreWriter:
     ``header`` holds everything that must match for a resume (target, layers, dtype,
     collection settings). A directory holding data collected with a different header is
     refused with a message listing the differing fields.
+
+    ``done_keys`` are the keys stored by ANY rank, so a restart with another world size
+    still never collects a sample twice.
     """
 
     def __init__(
@@ -114,7 +136,13 @@ class StoreWriter:
         shard_max_tokens: int = 1 << 16,
     ) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-probe-r{rank:02d}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise StoreError(f"--output-dir {self.directory}: cannot write there ({error.strerror}).") from None
         self.rank = rank
         self.shard_max_tokens = shard_max_tokens
         self.header = header
@@ -129,12 +157,14 @@ class StoreWriter:
     def _open_manifest(self) -> dict[str, Any]:
         path = self.directory / MANIFEST
         if not path.exists():
-            manifest = {"format_version": FORMAT_VERSION, **self.header, "shards": []}
+            manifest = _with_totals({"format_version": FORMAT_VERSION, **self.header, "shards": []})
             _write_json_atomic(path, manifest)
             return manifest
         manifest = read_manifest(self.directory)
         differing = sorted(
-            key for key in self.header if json.dumps(manifest.get(key), sort_keys=True) != json.dumps(self.header[key], sort_keys=True)
+            key
+            for key in self.header
+            if json.dumps(manifest.get(key), sort_keys=True) != json.dumps(self.header[key], sort_keys=True)
         )
         if differing:
             details = "; ".join(f"{key}: stored {manifest.get(key)!r}, now {self.header[key]!r}" for key in differing)
@@ -172,24 +202,28 @@ class StoreWriter:
 
     def collected_keys(self) -> set[int]:
         keys: set[int] = set()
-        for path in sorted(self.directory.glob(f"shard-r{self.rank:02d}-*.safetensors")):
+        for path in sorted(self.directory.glob("shard-r*-*.safetensors")):
             with safe_open(path, framework="pt") as handle:
                 keys.update(handle.get_tensor("sample_keys").tolist())
         return keys
 
-    def stored_tokens(self) -> int:
+    def stored_tokens(self, all_ranks: bool = False) -> int:
+        """Tokens in this rank's recorded shards (or every rank's) plus those not yet flushed."""
         manifest = read_manifest(self.directory)
-        return sum(shard["num_tokens"] for shard in manifest["shards"] if shard["rank"] == self.rank)
+        recorded = sum(s["num_tokens"] for s in manifest["shards"] if all_ranks or s["rank"] == self.rank)
+        return recorded + self._pending_tokens
 
     # ------------------------------------------------------------------ writing
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: Sample) -> bool:
+        """Queue a sample (written with the next shard); False when its key is already stored."""
         if sample.key in self.done_keys:
-            return
+            return False
         self._pending.append(sample)
         self._pending_tokens += len(sample.input_ids)
         self.done_keys.add(sample.key)
         if self._pending_tokens >= self.shard_max_tokens:
             self.flush()
+        return True
 
     def flush(self) -> None:
         if not self._pending:
@@ -211,13 +245,29 @@ class StoreWriter:
             index = len(list(self.directory.glob(f"shard-r{self.rank:02d}-*.safetensors")))
             path = self.directory / f"shard-r{self.rank:02d}-{index:06d}.safetensors"
             tmp = path.with_suffix(".tmp")
-            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-            manifest = read_manifest(self.directory)
-            manifest["shards"].append(self._shard_entry(path))
-            _write_json_atomic(self.directory / MANIFEST, _with_totals(manifest))
+            try:
+                save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+                with open(tmp, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+                manifest = read_manifest(self.directory)
+                manifest["shards"].append(self._shard_entry(path))
+                _write_json_atomic(self.directory / MANIFEST, _with_totals(manifest))
+            except OSError as error:
+                tmp.unlink(missing_ok=True)
+                if error.errno not in _NO_SPACE:
+                    raise
+                manifest = read_manifest(self.directory)
+                if path.name not in {shard["name"] for shard in manifest["shards"]}:
+                    path.unlink(missing_ok=True)  # renamed but not recorded: the manifest stays the truth
+                for sample in samples:  # not stored: a resume must collect them again
+                    self.done_keys.discard(sample.key)
+                raise DiskFullError(
+                    f"{self.directory}: no space left while writing {path.name} ({error.strerror}). "
+                    f"{MANIFEST} is consistent and lists {manifest['num_samples']} samples / "
+                    f"{manifest['num_tokens']} tokens in complete shards; the {len(samples)} samples in flight "
+                    "were not stored. Free some space and rerun the same command to resume."
+                ) from None
 
     def close(self) -> None:
         self.flush()
@@ -229,6 +279,7 @@ def _with_totals(manifest: dict[str, Any]) -> dict[str, Any]:
     manifest["num_tokens"] = sum(s["num_tokens"] for s in shards)
     manifest["num_assistant_tokens"] = sum(s["num_assistant_tokens"] for s in shards)
     manifest["num_bytes"] = sum(s["bytes"] for s in shards)
+    manifest["ranks"] = sorted({s["rank"] for s in shards})
     return manifest
 
 
@@ -271,7 +322,9 @@ class HiddenStateStore:
             self._offsets.append(offsets)
             for i in range(len(offsets) - 1):
                 if ids is not None:
-                    digest = hashlib.blake2b(ids[offsets[i] : offsets[i + 1]].numpy().tobytes(), digest_size=16).digest()
+                    digest = hashlib.blake2b(
+                        ids[offsets[i] : offsets[i + 1]].numpy().tobytes(), digest_size=16
+                    ).digest()
                     if digest in seen:
                         self.num_duplicates += 1
                         continue

@@ -1,0 +1,38 @@
+"""Entry point of run_collect.py: parse, run, and turn known failures into one clear line."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Sequence
+
+from eagle3.collect.args import parse_args
+from eagle3.config import Eagle3ConfigError
+from eagle3.data.sources import SourceError
+from eagle3.data.store import StoreError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from eagle3.collect.loop import CollectError
+
+    try:
+        args = parse_args(argv)
+        if args.print_server_command:
+            from eagle3.collect.vllm_client import server_command_for
+
+            print(shlex.join(server_command_for(args)))
+            return
+        from eagle3.collect.loop import collect
+
+        summary = collect(args)
+    except (SourceError, StoreError, Eagle3ConfigError, CollectError, FileNotFoundError, ValueError) as error:
+        print(f"run_collect.py: error: {error}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print(
+            "run_collect.py: interrupted; complete shards are kept, rerun the same command to resume.", file=sys.stderr
+        )
+        sys.exit(130)
+    print(summary.text())
