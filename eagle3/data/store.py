@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
@@ -62,6 +62,13 @@ class DiskFullError(StoreError):
 
 # "No space" comes in several flavours: a full disk, a quota, a file-size limit (ulimit -f).
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _is_no_space(error: Exception) -> bool:
+    """OSError with a no-space errno, or safetensors' wrapped "I/O error: ... (os error N)"."""
+    if isinstance(error, OSError):
+        return error.errno in _NO_SPACE
+    return any(f"(os error {code})" in str(error) for code in _NO_SPACE)
 
 
 def file_sha256(path: Path) -> str:
@@ -253,9 +260,9 @@ class StoreWriter:
                 manifest = read_manifest(self.directory)
                 manifest["shards"].append(self._shard_entry(path))
                 _write_json_atomic(self.directory / MANIFEST, _with_totals(manifest))
-            except OSError as error:
+            except (OSError, SafetensorError) as error:
                 tmp.unlink(missing_ok=True)
-                if error.errno not in _NO_SPACE:
+                if not _is_no_space(error):
                     raise
                 manifest = read_manifest(self.directory)
                 if path.name not in {shard["name"] for shard in manifest["shards"]}:
@@ -263,7 +270,7 @@ class StoreWriter:
                 for sample in samples:  # not stored: a resume must collect them again
                     self.done_keys.discard(sample.key)
                 raise DiskFullError(
-                    f"{self.directory}: no space left while writing {path.name} ({error.strerror}). "
+                    f"{self.directory}: no space left while writing {path.name} ({error}). "
                     f"{MANIFEST} is consistent and lists {manifest['num_samples']} samples / "
                     f"{manifest['num_tokens']} tokens in complete shards; the {len(samples)} samples in flight "
                     "were not stored. Free some space and rerun the same command to resume."

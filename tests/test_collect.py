@@ -1,0 +1,312 @@
+"""run_collect.py with the in-process (hf) backend: exact states, loss masks, resume after SIGKILL, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eagle3.collect.cli import main
+from eagle3.data.store import HiddenStateStore
+from eagle3.testing import synthetic_conversations, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_main(argv, capsys):
+    """Run run_collect.py's main in-process; (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def reference_states(model, input_ids: torch.Tensor, layers: list[int]):
+    """Plain transformers forward: layer i = hidden_states[i + 1], except the last layer, whose
+    output is the INPUT of the final norm (HF's last hidden_states entry is after the norm)."""
+    captured = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda module, args: captured.update(last=args[0]))
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids[None], output_hidden_states=True)
+    finally:
+        handle.remove()
+    num_layers = model.config.num_hidden_layers
+    states = [captured["last"][0] if layer == num_layers - 1 else out.hidden_states[layer + 1][0] for layer in layers]
+    assert not torch.equal(out.hidden_states[num_layers][0], captured["last"][0])  # the norm did change it
+    return torch.cat(states, dim=-1), captured["last"][0]
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    rows = synthetic_conversations(3, seed=11, turns=2)
+    rows.append({"prompt": "Count from 3 to 7."})
+    rows.append({"conversations": [{"from": "human", "value": "Spell the word tiger."}, {"from": "gpt", "value": "T"}]})
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chats.jsonl", rows)
+
+
+def test_hf_states_equal_plain_forward_and_mask_is_assistant_only(trained_target, chats, tmp_path, capsys):
+    out = tmp_path / "store"
+    code, stdout, stderr = run_main(
+        [
+            "--model",
+            trained_target,
+            "--dataset",
+            chats,
+            "--output-dir",
+            out,
+            "--layers",
+            "0,3,7",
+            "--hidden-dtype",
+            "fp32",
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "3",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert "collected 5 samples" in stdout and str(out) in stdout and "bytes/token" in stdout
+    store = HiddenStateStore(out)
+    assert store.manifest["layers"] == [0, 3, 7] and store.manifest["vllm_layer_ids"] == [1, 4, 8]
+    assert len(store) == 5
+    model = AutoModelForCausalLM.from_pretrained(trained_target, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_target)
+    header = tokenizer.encode("<|im_start|>assistant\n")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    think = tokenizer.encode("<think>\n\n</think>\n\n")
+    for i in range(len(store)):
+        sample = store[i]
+        aux, last = reference_states(model, sample.input_ids, [0, 3, 7])
+        # batched (right-padded) capture vs an unpadded single forward: equal to float32 rounding
+        torch.testing.assert_close(sample.aux_hidden_states, aux, rtol=0, atol=2e-5)
+        torch.testing.assert_close(sample.last_hidden_states, last, rtol=0, atol=2e-5)
+        # loss mask: every assistant answer (up to and including <|im_end|>), nothing else,
+        # and the served turn's empty think block is prompt, not answer
+        ids = sample.input_ids.tolist()
+        expected = [False] * len(ids)
+        position = 0
+        while position < len(ids):
+            if ids[position : position + len(header)] == header:
+                start = position + len(header)
+                if ids[start : start + len(think)] == think:
+                    start += len(think)
+                stop = ids.index(end, start) if end in ids[start:] else len(ids) - 1
+                expected[start : stop + 1] = [True] * (stop + 1 - start)
+                position = stop
+            position += 1
+        assert sample.loss_mask.tolist() == expected, tokenizer.decode(ids)
+    # regenerated: the dataset's answers are gone, the target's own are stored
+    texts = [tokenizer.decode(store[i].input_ids) for i in range(len(store))]
+    assert not any(text.endswith("\nT<|im_end|>") for text in texts)
+
+
+def test_hf_exact_in_fp32_single_batch_and_no_regenerate(trained_target, chats, tmp_path, capsys):
+    out = tmp_path / "store"
+    code, _, stderr = run_main(
+        [
+            "--model",
+            trained_target,
+            "--dataset",
+            chats,
+            "--output-dir",
+            out,
+            "--no-regenerate",
+            "--hidden-dtype",
+            "fp32",
+            "--batch-size",
+            "1",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    store = HiddenStateStore(out)
+    assert store.manifest["layers"] == [1, 3, 4]  # EAGLE-3 default for 8 layers: (1, L//2-1, L-4)
+    assert len(store) == 4  # the bare prompt has no answer to learn without regeneration
+    model = AutoModelForCausalLM.from_pretrained(trained_target, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(trained_target)
+    rows = [json.loads(line) for line in chats.read_text().splitlines()]
+    for i in range(len(store)):
+        sample = store[i]
+        aux, last = reference_states(model, sample.input_ids, [1, 3, 4])
+        assert torch.equal(sample.aux_hidden_states, aux)
+        assert torch.equal(sample.last_hidden_states, last)
+        row = rows[sample.key]
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"] if "messages" in row else ["T"]
+        masked = tokenizer.decode(sample.input_ids[sample.loss_mask])
+        assert masked == "".join(answer + "<|im_end|>" for answer in answers)
+
+
+# --------------------------------------------------------------------------- resume after SIGKILL
+def _collect_cmd(model, data, out, *extra):
+    return [
+        sys.executable,
+        str(REPO / "run_collect.py"),
+        "--model",
+        str(model),
+        "--dataset",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+        "--shard-tokens",
+        "60",
+        "--target-tokens",
+        "500",
+        "--quiet",
+        *extra,
+    ]
+
+
+def _samples(directory):
+    store = HiddenStateStore(directory, deduplicate=False)
+    return {store[i].key: store[i] for i in range(len(store))}
+
+
+def test_resume_after_sigkill_gives_the_uninterrupted_samples(trained_target, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(20, seed=3, turns=1))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = tmp_path / "reference"
+    subprocess.run(_collect_cmd(trained_target, data, reference), check=True, env=env, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_collect_cmd(trained_target, data, killed), env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            manifest = killed / "manifest.json"
+            if manifest.exists() and json.loads(manifest.read_text()).get("num_samples", 0) >= 3:
+                break
+            time.sleep(0.02)
+        assert process.poll() is None, "the run finished before it could be killed; make it longer"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    partial = json.loads((killed / "manifest.json").read_text())
+    expected = _samples(reference)
+    assert 0 < partial["num_samples"] < len(expected)
+    subprocess.run(_collect_cmd(trained_target, data, killed), check=True, env=env, timeout=300)
+
+    resumed = _samples(killed)
+    assert sorted(resumed) == sorted(expected)  # same keys
+    assert HiddenStateStore(killed, deduplicate=False).manifest["num_samples"] == len(expected)  # none twice
+    for key, sample in expected.items():
+        assert torch.equal(resumed[key].input_ids, sample.input_ids)
+        assert torch.equal(resumed[key].loss_mask, sample.loss_mask)
+        torch.testing.assert_close(resumed[key].aux_hidden_states, sample.aux_hidden_states, rtol=0, atol=1e-2)
+    # both stopped at --target-tokens: the last sample (highest key) is the one that crossed 500
+    total = sum(len(s.input_ids) for s in resumed.values())
+    assert total >= 500 > total - len(resumed[max(resumed)].input_ids)
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_bad_inputs_have_clear_messages(trained_target, chats, tmp_path, capsys):
+    base = ["--model", trained_target, "--output-dir", tmp_path / "out", "--quiet"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    code, _, err = run_main([*base, "--dataset", bad], capsys)
+    assert code == 2 and f"{bad}:2: malformed JSON" in err and "--skip-bad-lines" in err
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_main([*base, "--dataset", empty], capsys)
+    assert code == 2 and "no usable conversations" in err
+
+    code, _, err = run_main([*base, "--dataset", chats, "--layers", "0,8"], capsys)
+    assert code == 2 and "--layers: layer(s) [8] out of range" in err and "0..7" in err
+
+    code, _, err = run_main([*base, "--dataset", chats, "--layers", "0,x"], capsys)
+    assert code == 2 and "--layers: expected comma-separated integers" in err
+
+    code, _, err = run_main(
+        ["--model", tmp_path / "no-model", "--dataset", chats, "--output-dir", tmp_path / "o"], capsys
+    )
+    assert code == 2 and "cannot read the target config" in err
+
+    port = _free_port()
+    started = time.time()
+    code, _, err = run_main(
+        [
+            *base,
+            "--dataset",
+            chats,
+            "--backend",
+            "vllm",
+            "--server-url",
+            f"http://127.0.0.1:{port}",
+            "--max-retries",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 2 and f"http://127.0.0.1:{port}" in err and "unreachable after 3 attempts" in err
+    assert "--print-server-command" in err
+    assert time.time() - started < 30
+
+
+def test_resume_with_other_settings_is_refused(trained_target, chats, tmp_path, capsys):
+    argv = [
+        "--model",
+        trained_target,
+        "--dataset",
+        chats,
+        "--output-dir",
+        tmp_path / "out",
+        "--no-regenerate",
+        "--quiet",
+    ]
+    assert run_main(argv, capsys)[0] == 0
+    code, stdout, _ = run_main(argv, capsys)  # same settings: resumes, nothing new
+    assert code == 0 and "collected 0 samples" in stdout and "4 samples" in stdout
+    code, _, err = run_main([*argv, "--layers", "0,3,7"], capsys)
+    assert code == 2 and "other settings (layers: stored [1, 3, 4], now [0, 3, 7]" in err
+    code, _, err = run_main([*argv, "--hidden-dtype", "fp16"], capsys)
+    assert code == 2 and "hidden_dtype: stored 'bf16', now 'fp16'" in err
+
+
+def test_skip_bad_lines_counts(trained_target, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [json.dumps(r) for r in synthetic_conversations(2, seed=1)]
+    data.write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
+    code, stdout, err = run_main(
+        [
+            "--model",
+            trained_target,
+            "--dataset",
+            data,
+            "--output-dir",
+            tmp_path / "o",
+            "--no-regenerate",
+            "--skip-bad-lines",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "collected 2 samples" in stdout and "skipped 1 malformed records" in stdout
