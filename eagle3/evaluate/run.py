@@ -1,0 +1,185 @@
+"""run_eval.py's library side: prompts, input checks, the two backends, the report.
+
+Three views of one quantity (see README "Acceptance length"):
+* training's simulated acceptance length (teacher-forced, from stored target states),
+* ``--backend hf``: real chain speculation in this process,
+* ``--backend vllm``: vLLM's own spec-decode counters.
+All three count 1 + accepted draft tokens per target step; hf and vLLM run the same
+algorithm (first answer token from the target, k chained proposals, greedy verification at
+temperature 0), so at temperature 0 they should agree up to numerics.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from eagle3.evaluate.report import AcceptanceReport
+
+
+class EvalInputError(ValueError):
+    """Bad input for run_eval.py, found before any model is loaded."""
+
+
+@dataclass
+class EvalArgs:
+    model: str
+    draft: str
+    dataset: list[str]
+    backend: str = "hf"
+    num_speculative_tokens: int = 3
+    temperature: float = 0.0
+    max_new_tokens: int = 256
+    num_prompts: int | None = None
+    dataset_split: str = "train"
+    enable_thinking: bool = False
+    seed: int = 0
+    output: str | None = None
+    plot: str | None = None
+    no_baseline: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure an EAGLE-3 draft's acceptance length in-process (hf) or in vLLM.",
+    )
+    parser.add_argument("--model", required=True, help="target model folder or Hub id")
+    parser.add_argument("--draft", required=True, help="draft folder (e.g. OUTPUT/best_model)")
+    parser.add_argument("--dataset", required=True, nargs="+", help="prompts: JSONL files (ShareGPT, OpenAI or "
+                        "{'prompt': ...}) or a Hugging Face dataset; each conversation up to its first answer")
+    parser.add_argument("--dataset-split", default="train")
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    parser.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    parser.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template switch (default off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", help="write the report as JSON here")
+    parser.add_argument("--plot", help="write a PNG plot (per-position acceptance) here")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the target-only run (no speedup/lossless)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArgs:
+    return EvalArgs(**vars(build_parser().parse_args(argv)))
+
+
+def validate(args: EvalArgs) -> None:
+    """Everything that can be wrong before loading a model, with what to do about it."""
+    from eagle3.export.check import check_draft, errors
+
+    draft = Path(args.draft)
+    if not (draft / "config.json").exists():
+        raise EvalInputError(
+            f"--draft {args.draft}: no draft there (config.json missing); pass the folder run_train.py "
+            "wrote, e.g. OUTPUT_DIR/best_model."
+        )
+    if args.num_speculative_tokens < 1:
+        raise EvalInputError("--num-speculative-tokens must be >= 1.")
+    if args.temperature < 0:
+        raise EvalInputError("--temperature must be >= 0.")
+    problems = errors(check_draft(draft, args.model))
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise EvalInputError(
+            f"--draft {args.draft} does not fit --model {args.model} (is it a draft for another target?):\n{listed}"
+        )
+
+
+def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
+    """Token ids of each conversation's messages before its first answer, as served."""
+    from eagle3.data.sources import SourceError, load_conversations
+    from eagle3.data.template import ChatRenderer
+
+    try:
+        conversations, _ = load_conversations(args.dataset, split=args.dataset_split)
+    except SourceError as error:
+        raise EvalInputError(str(error)) from None
+    renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking)
+    prompts = []
+    for conversation in conversations:
+        messages = []
+        for message in conversation.messages:
+            if message["role"] == "assistant":
+                break
+            messages.append(message)
+        if messages and messages[-1]["role"] == "user" and messages[-1]["content"].strip():
+            prompts.append(renderer.prompt_ids(messages))
+    if args.num_prompts is not None:
+        prompts = prompts[: args.num_prompts]
+    if not prompts:
+        raise EvalInputError(f"--dataset {' '.join(args.dataset)}: no prompt with a non-empty user turn.")
+    return prompts
+
+
+def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eagle3.evaluate.speculative import SpeculativeDecoder
+    from eagle3.modeling import Eagle3Qwen3ForCausalLM
+
+    torch.manual_seed(args.seed)
+    target = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
+    draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype)
+    draft.load_target_embeddings(target.get_input_embeddings().weight)
+    decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed)
+    report = AcceptanceReport(
+        backend="hf", model=args.model, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+        temperature=args.temperature, num_prompts=len(prompts), rounds=0, accepted_tokens=0,
+        accepted_per_position=[0] * args.num_speculative_tokens, generated_tokens=0, seconds_speculative=0.0,
+        seconds_baseline=None if args.no_baseline else 0.0,
+        lossless=None if args.no_baseline or args.temperature > 0 else True,
+    )
+    for prompt in tqdm(prompts, desc="speculative decoding (hf)", unit="prompt"):
+        result = decoder.generate(prompt, args.max_new_tokens)
+        report.rounds += result.rounds
+        report.accepted_tokens += result.accepted
+        report.accepted_per_position = [a + b for a, b in zip(report.accepted_per_position,
+                                                              result.accepted_per_position, strict=True)]
+        report.generated_tokens += len(result.output_ids)
+        report.seconds_speculative += result.seconds
+        if not args.no_baseline:
+            baseline, seconds = decoder.generate_target_only(prompt, args.max_new_tokens)
+            report.seconds_baseline += seconds
+            if report.lossless is not None and baseline != result.output_ids:
+                report.lossless = False
+    decoder.close()
+    return report
+
+
+def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
+    from eagle3.evaluate.vllm_bench import run_vllm
+
+    common = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                  max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8)
+    speculative = run_vllm(args.model, prompts, draft=args.draft,
+                           num_speculative_tokens=args.num_speculative_tokens, **common)
+    baseline = None if args.no_baseline else run_vllm(args.model, prompts, **common)
+    per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[: args.num_speculative_tokens]
+    return AcceptanceReport(
+        backend="vllm", model=args.model, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+        temperature=args.temperature, num_prompts=len(prompts), rounds=speculative.num_drafts,
+        accepted_tokens=speculative.num_accepted_tokens, accepted_per_position=per_position,
+        generated_tokens=speculative.generated_tokens, seconds_speculative=speculative.seconds,
+        seconds_baseline=baseline.seconds if baseline else None,
+        lossless=(baseline.token_ids == speculative.token_ids) if baseline and args.temperature == 0 else None,
+    )
+
+
+def evaluate(args: EvalArgs) -> AcceptanceReport:
+    from transformers import AutoTokenizer
+
+    validate(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = load_prompts(args, tokenizer)
+    report = evaluate_hf(args, prompts) if args.backend == "hf" else evaluate_vllm(args, prompts)
+    if args.output:
+        report.write_json(args.output)
+    if args.plot:
+        report.plot(args.plot)
+    return report

@@ -1,0 +1,210 @@
+"""Chain speculative decoding with the draft and the target in this process (transformers).
+
+It mirrors what vLLM does with ``method: "eagle3"`` so the two measurements agree:
+
+* the first answer token comes from the target's prefill, never from the draft;
+* each round the draft proposes k tokens from (the target's aux states, the next token),
+  feeding its own pre-norm hidden state back for steps 2..k, at rope positions t+i;
+* the target verifies the k tokens in one forward: at temperature 0 the longest prefix equal to
+  its own greedy choices is kept plus one bonus token; above 0 the standard rejection-sampling
+  rule keeps the output distribution exactly the target's;
+* the draft's cache keeps only entries computed from target states: after verification the
+  accepted tokens are re-read with the target's aux states, as vLLM's proposer does.
+
+Acceptance length = 1 + accepted / rounds (vLLM's "mean acceptance length").
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from eagle3.modeling import Eagle3Qwen3ForCausalLM
+
+
+class AuxStateRecorder:
+    """Forward hooks that record the OUTPUT of chosen decoder layers (our layer numbering)."""
+
+    def __init__(self, target: PreTrainedModel, layers: list[int]) -> None:
+        self.states: dict[int, torch.Tensor] = {}
+        self.layers = list(layers)
+        decoder_layers = target.model.layers
+        self._hooks = [decoder_layers[i].register_forward_hook(self._hook(i)) for i in self.layers]
+
+    def _hook(self, layer: int):
+        def record(_module, _inputs, output):
+            self.states[layer] = output[0] if isinstance(output, tuple) else output
+
+        return record
+
+    def concatenated(self) -> torch.Tensor:
+        return torch.cat([self.states[i] for i in self.layers], dim=-1)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+
+@dataclass
+class SpeculativeResult:
+    output_ids: list[int]
+    rounds: int = 0
+    accepted: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def acceptance_length(self) -> float | None:
+        return 1.0 + self.accepted / self.rounds if self.rounds else None
+
+
+def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+class SpeculativeDecoder:
+    """Draft + target in one process, batch size 1 per prompt (as acceptance is measured)."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: Eagle3Qwen3ForCausalLM,
+        num_speculative_tokens: int = 3,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.target = target.eval()
+        self.draft = draft.eval()
+        self.k = num_speculative_tokens
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab_size = target.config.vocab_size
+        self.draft_to_target = draft.draft_to_target_ids().cpu()
+        eos = target.generation_config.eos_token_id if target.generation_config is not None else None
+        eos = eos if eos is not None else target.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.recorder = AuxStateRecorder(target, draft.config.target_layers)
+
+    # ------------------------------------------------------------------ pieces
+    def _target_forward(self, ids: list[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target logits [n, V] and aux states [n, n_aux*H] for ``ids`` appended to ``cache``."""
+        input_ids = torch.tensor([ids])
+        out = self.target(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.logits[0], self.recorder.concatenated()[0]
+
+    def _pick(self, logits: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(_probabilities(logits, self.temperature), 1, generator=self.generator))
+
+    def _draft_distribution(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Draft probabilities over the TARGET vocab (zero outside the draft vocab)."""
+        full = torch.zeros(self.vocab_size)
+        full[self.draft_to_target] = _probabilities(draft_logits, self.temperature)
+        return full
+
+    def _propose(
+        self, hidden: torch.Tensor, token: int, position: int, cache, count: int
+    ) -> tuple[list[int], list]:
+        """``count`` more draft tokens (target ids) and, above temperature 0, their distributions."""
+        tokens, distributions = [], []
+        for step in range(count):
+            embeds = self.draft.embed_tokens(torch.tensor([[token]]))
+            normed, hidden = self.draft.draft_step(hidden, embeds, torch.tensor([[position + step]]), cache)
+            logits = self.draft.compute_logits(normed)[0, -1]
+            if self.temperature == 0:
+                token = int(self.draft_to_target[int(logits.argmax())])
+            else:
+                q = self._draft_distribution(logits)
+                token = int(torch.multinomial(q, 1, generator=self.generator))
+                distributions.append(q)
+            tokens.append(token)
+            hidden = hidden[:, -1:]
+        return tokens, distributions
+
+    def _verify(self, proposal: list[int], q: list, target_logits: torch.Tensor) -> list[int]:
+        """Accepted draft tokens followed by one token from the target (bonus or correction)."""
+        kept: list[int] = []
+        for j, token in enumerate(proposal):
+            if self.temperature == 0:
+                if int(target_logits[j].argmax()) != token:
+                    return kept + [int(target_logits[j].argmax())]
+            else:
+                p = _probabilities(target_logits[j], self.temperature)
+                if torch.rand(1, generator=self.generator).item() >= min(1.0, float(p[token] / q[j][token])):
+                    residual = (p - q[j]).clamp(min=0)
+                    residual = residual / residual.sum() if residual.sum() > 0 else p
+                    return kept + [int(torch.multinomial(residual, 1, generator=self.generator))]
+            kept.append(token)
+        return kept + [self._pick(target_logits[len(proposal)])]
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> SpeculativeResult:
+        start = time.perf_counter()
+        target_cache = DynamicCache(config=self.target.config)
+        draft_cache = self.draft.new_cache("append")
+        logits, aux = self._target_forward(prompt_ids, target_cache)
+        output = [self._pick(logits[-1])]  # the first answer token is never drafted (as in vLLM)
+        result = SpeculativeResult(output_ids=output, accepted_per_position=[0] * self.k)
+        # The draft reads (target state at t, token t+1) for every position the target has seen.
+        context = prompt_ids + output
+        pending_aux, pending_tokens, position = aux, context[1:], 0
+        finished = output[-1] in self.eos_ids
+        while len(output) < max_new_tokens and not finished:
+            hidden = self.draft.combine_hidden_states(pending_aux.unsqueeze(0))
+            embeds = self.draft.embed_tokens(torch.tensor([pending_tokens]))
+            positions = torch.arange(position, position + len(pending_tokens)).unsqueeze(0)
+            normed, prenorm = self.draft.draft_step(hidden, embeds, positions, draft_cache)
+            position += len(pending_tokens)
+            committed = draft_cache.seq_length()
+            # Step 1 comes from the last position just read; steps 2..k continue the chain.
+            logits1 = self.draft.compute_logits(normed)[0, -1]
+            if self.temperature == 0:
+                first, q = int(self.draft_to_target[int(logits1.argmax())]), []
+            else:
+                q = [self._draft_distribution(logits1)]
+                first = int(torch.multinomial(q[0], 1, generator=self.generator))
+            more, more_q = self._propose(prenorm[:, -1:], first, position, draft_cache, self.k - 1)
+            proposal, q = [first, *more], q + more_q
+            draft_cache.crop(committed)
+
+            target_logits, verify_aux = self._target_forward([output[-1], *proposal], target_cache)
+            new_tokens = self._verify(proposal, q, target_logits)
+            accepted = len(new_tokens) - 1
+            result.rounds += 1
+            result.accepted += accepted
+            for j in range(accepted):
+                result.accepted_per_position[j] += 1
+            # Drop the rejected proposals from the target's cache (negative = tokens to remove).
+            rejected = target_cache.get_seq_length() - (len(context) + accepted)
+            if rejected:
+                target_cache.crop(-rejected)
+            output += new_tokens
+            context += new_tokens
+            finished = any(token in self.eos_ids for token in new_tokens)
+            # Next round the draft re-reads the target's states at the verified positions.
+            pending_aux = verify_aux[: accepted + 1]
+            pending_tokens = new_tokens
+        eos_at = next((i for i, t in enumerate(output) if t in self.eos_ids), None)
+        result.output_ids = output[: eos_at + 1] if eos_at is not None else output[:max_new_tokens]
+        result.seconds = time.perf_counter() - start
+        return result
+
+    @torch.no_grad()
+    def generate_target_only(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+        """Plain decoding with the same target and sampling rule (the baseline for speed and losslessness)."""
+        start = time.perf_counter()
+        cache = DynamicCache(config=self.target.config)
+        logits, _ = self._target_forward(prompt_ids, cache)
+        output = [self._pick(logits[-1])]
+        while len(output) < max_new_tokens and output[-1] not in self.eos_ids:
+            logits, _ = self._target_forward(output[-1:], cache)
+            output.append(self._pick(logits[-1]))
+        return output, time.perf_counter() - start
+
+    def close(self) -> None:
+        self.recorder.remove()
