@@ -37,6 +37,7 @@ class CollectArgs:
     max_retries: int = 5
     hidden_states_dir: str = "/tmp/eagle3-hidden-states"
     port: int = 8000
+    host: str | None = None
     print_server_command: bool = False
     quiet: bool = False
 
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="vllm: where the server's connector writes per-request files (must be readable here)",
     )
     backend.add_argument("--port", type=int, default=8000, help="port used by --print-server-command")
+    backend.add_argument("--host", default=None, help="host the printed server binds (default: vLLM's, all interfaces)")
     backend.add_argument(
         "--print-server-command",
         action="store_true",

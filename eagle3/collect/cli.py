@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from eagle3.collect.args import parse_args
+from eagle3.collect.common import CollectError
 from eagle3.config import Eagle3ConfigError
 from eagle3.data.sources import SourceError
 from eagle3.data.store import StoreError
@@ -15,8 +16,6 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from eagle3.collect.loop import CollectError
-
     try:
         args = parse_args(argv)
         if args.print_server_command:

@@ -14,6 +14,10 @@ from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer, Rendered
 
 
+class CollectError(RuntimeError):
+    """A problem with the collection run itself (servers, backend), with a message for the user."""
+
+
 def generation_slots(messages: list[dict], regenerate: bool) -> list[int]:
     """Message indices whose assistant answer the target writes (len(messages) = append one)."""
     if not regenerate:

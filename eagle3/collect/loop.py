@@ -26,10 +26,6 @@ from eagle3.data.template import ChatRenderer, tokenizer_hash
 from eagle3.target import config_hash, load_target_config
 
 
-class CollectError(RuntimeError):
-    """A problem with the collection run itself (servers, backend), with a message for the user."""
-
-
 class Backend(Protocol):
     def samples(self, conversations: list[Conversation]): ...  # yields Sample | None, in order
 

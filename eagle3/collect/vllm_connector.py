@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     extract_from_kv_cache,
 )
 
-SKIP_SAVE = "eagle3_skip_save"
+from eagle3.collect.vllm_client import SKIP_SAVE
 
 
 class _DoneEvent:
