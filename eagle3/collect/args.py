@@ -38,6 +38,7 @@ class CollectArgs:
     hidden_states_dir: str = "/tmp/eagle3-hidden-states"
     port: int = 8000
     host: str | None = None
+    server_args: str = ""
     print_server_command: bool = False
     quiet: bool = False
 
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backend.add_argument("--port", type=int, default=8000, help="port used by --print-server-command")
     backend.add_argument("--host", default=None, help="host the printed server binds (default: vLLM's, all interfaces)")
+    backend.add_argument(
+        "--server-args",
+        default="",
+        help="extra vLLM server flags for --print-server-command, e.g. '--tensor-parallel-size 2 --max-model-len 8192'",
+    )
     backend.add_argument(
         "--print-server-command",
         action="store_true",

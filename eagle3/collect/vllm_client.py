@@ -65,10 +65,16 @@ def _launcher(model: str) -> list[str]:
 
 
 def server_command(
-    model: str, layer_ids: list[int], storage_path: str, port: int = 8000, host: str | None = None
+    model: str,
+    layer_ids: list[int],
+    storage_path: str,
+    port: int = 8000,
+    host: str | None = None,
+    extra_args: str = "",
 ) -> list[str]:
-    """The exact vLLM server command for collecting these layer ids."""
+    """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags)."""
     import json
+    import shlex
 
     speculative = {
         "method": "extract_hidden_states",
@@ -90,6 +96,7 @@ def server_command(
         json.dumps(speculative, separators=(",", ":")),
         "--kv-transfer-config",
         json.dumps(transfer, separators=(",", ":")),
+        *shlex.split(extra_args),
     ]
 
 
@@ -100,7 +107,9 @@ def server_command_for(args: CollectArgs) -> list[str]:
     config = load_target_config(args.model)
     layers = resolve_layers(args, config.num_hidden_layers)
     ids = capture_layer_ids(layers, config.num_hidden_layers)
-    return server_command(args.model, ids, args.hidden_states_dir, port=args.port, host=args.host)
+    return server_command(
+        args.model, ids, args.hidden_states_dir, port=args.port, host=args.host, extra_args=args.server_args
+    )
 
 
 def _read_hidden_states(path: str) -> dict[str, torch.Tensor]:
@@ -166,7 +175,13 @@ class VllmBackend:
     def _command_hint(self) -> str:
         import shlex
 
-        command = server_command(self.args.model, self.capture_ids, self.args.hidden_states_dir, port=self.args.port)
+        command = server_command(
+            self.args.model,
+            self.capture_ids,
+            self.args.hidden_states_dir,
+            port=self.args.port,
+            extra_args=self.args.server_args,
+        )
         return f"start it with (see also --print-server-command):\n  {shlex.join(command)}"
 
     # ------------------------------------------------------------------ HTTP with retries
