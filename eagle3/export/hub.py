@@ -1,0 +1,139 @@
+"""Model card for a trained draft, and the upload of its folder to the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+
+CARD_TEMPLATE = """---
+{metadata}
+---
+
+# EAGLE-3 draft for {target}
+
+A speculative-decoding draft (EAGLE-3) for [{target}]({target_link}), trained with
+[eagle3-qwen3](https://github.com/) on the target's own answers. vLLM serves it unchanged.
+
+## Serve it with vLLM
+
+```python
+from vllm import LLM, SamplingParams
+
+llm = LLM(
+    model="{target}",
+    speculative_config={{
+        "model": "{draft}",
+        "method": "eagle3",
+        "num_speculative_tokens": 3,
+    }},
+)
+print(llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)
+```
+
+or `vllm serve {target} --speculative-config '{{"model": "{draft}", "method": "eagle3", "num_speculative_tokens": 3}}'`.
+
+## Draft
+
+| | |
+|---|---|
+| architecture | `{architecture}` (`model_type: {model_type}`), {num_layers} decoder layer(s), hidden size {hidden} |
+| target layers (output of 0-based layer i, as in `--target-layers`) | {layers} |
+| vLLM aux layer ids (`eagle_aux_hidden_state_layer_ids`, input of layer i) | {vllm_ids} |
+| draft vocabulary | {draft_vocab} of {vocab} target tokens (covers {coverage} of the training answer tokens) |
+
+## Training data
+
+{data_rows}
+
+## Evaluation (held-out split, teacher forcing, {steps} draft steps)
+
+{eval_rows}
+
+`accept_len` counts, per position, the leading draft steps that match the target's greedy
+token (the consecutive run), plus one; it is what selected this checkpoint. `accept_len_product`
+is the usual 1 + sum_k prod_i acc_i, which overstates what vLLM measures. Measure the real
+acceptance in vLLM with `run_eval.py`.
+"""
+
+
+def _table(rows: dict[str, object]) -> str:
+    if not rows:
+        return "(none recorded)"
+    lines = ["| | |", "|---|---|"]
+    for key, value in rows.items():
+        lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    return "\n".join(lines)
+
+
+def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = None) -> str:
+    """Card text from the draft's config.json and the training info (eval metrics, data stats)."""
+    draft_dir = Path(draft_dir)
+    config = json.loads((draft_dir / "config.json").read_text())
+    target = config.get("target_model_name_or_path") or "the target model"
+    metrics = {k.removeprefix("eval_"): v for k, v in (info.get("metrics") or {}).items()}
+    data = info.get("data") or {}
+    wanted = ["accept_len", "accept_len_product", "accept_len_k3", "accept_len_product_k3", "loss"]
+    wanted += sorted((k for k in metrics if k.startswith("acc_")), key=lambda k: int(k.split("_")[1]))
+    eval_rows = {k: metrics[k] for k in wanted if k in metrics}
+    steps = sum(1 for k in metrics if k.startswith("acc_"))
+    card_data = ModelCardData(
+        base_model=target if "/" in str(target) and not Path(str(target)).exists() else None,
+        library_name="vllm",
+        pipeline_tag="text-generation",
+        tags=["eagle3", "speculative-decoding", "draft-model", "qwen3"],
+        license="apache-2.0",
+    )
+    text = CARD_TEMPLATE.format(
+        metadata=card_data.to_yaml(),
+        target=target,
+        target_link=f"https://huggingface.co/{target}" if "/" in str(target) else target,
+        draft=repo_id or str(draft_dir),
+        architecture=(config.get("architectures") or ["?"])[0],
+        model_type=config.get("model_type"),
+        num_layers=config.get("num_hidden_layers"),
+        hidden=config.get("hidden_size"),
+        layers=config.get("target_layers"),
+        vllm_ids=config.get("eagle_aux_hidden_state_layer_ids"),
+        draft_vocab=config.get("draft_vocab_size"),
+        vocab=config.get("vocab_size"),
+        coverage=f"{data['draft_vocab_coverage']:.2%}" if "draft_vocab_coverage" in data else "n/a",
+        data_rows=_table(data),
+        eval_rows=_table(eval_rows),
+        steps=steps,
+    )
+    return text
+
+
+def write_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = None) -> Path:
+    path = Path(draft_dir) / "README.md"
+    path.write_text(render_model_card(draft_dir, info, repo_id))
+    return path
+
+
+def push_draft(
+    draft_dir: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = "Upload EAGLE-3 draft",
+) -> str:
+    """Create the repo if needed and upload the draft folder (weights, config, README.md)."""
+    draft_dir = Path(draft_dir)
+    if not (draft_dir / "model.safetensors").exists():
+        raise FileNotFoundError(f"{draft_dir}: no model.safetensors to upload (did training save best_model/?)")
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
+    # Exactly the files vLLM and the Hub page need; never optimizer states or checkpoints.
+    files = sorted(p for p in draft_dir.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "README.md"))
+    commit = api.create_commit(
+        repo_id=repo_url.repo_id,
+        operations=[CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files],
+        commit_message=commit_message or "Upload EAGLE-3 draft",
+        revision=revision,
+    )
+    return str(getattr(commit, "commit_url", commit))

@@ -1,0 +1,125 @@
+"""Eagle3TrainingArguments: TrainingArguments plus the EAGLE-3 method's own fields.
+
+Every ``TrainingArguments`` option keeps working (``--report_to``, ``--push_to_hub``,
+``--deepspeed``, ``--resume_from_checkpoint``, ...). The original recipe's flags are argparse
+aliases of the same fields, so ``--epochs 10`` and ``--num_train_epochs 10`` are one option
+(HfArgumentParser also accepts ``--output-dir`` for ``--output_dir`` by itself). A YAML or
+JSON file given as the only argument holds the same options by field name.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class Eagle3TrainingArguments(TrainingArguments):
+    # --- data ---
+    data_dir: str | None = field(default=None, metadata={"help": "run_collect.py output directory (manifest.json + shards)."})
+    filter_rank: str | None = field(
+        default=None,
+        metadata={"help": "Use only shards written by these collector ranks, e.g. 0 or 0,1 (default: all)."},
+    )
+    deduplicate: bool = field(
+        default=True, metadata={"help": "Drop samples whose token ids repeat an earlier one (--no-deduplicate to keep them)."}
+    )
+    eval_ratio: float = field(
+        default=0.05, metadata={"help": "Fraction of samples held out for evaluation (deterministic split, data_seed/seed)."}
+    )
+    max_length: int = field(default=2048, metadata={"help": "Truncate samples to this many tokens."})
+    # --- target and draft ---
+    base_model: str | None = field(
+        default=None,
+        metadata={"help": "Target model (local folder or Hub id); default: the one recorded in the data manifest.",
+                  "aliases": ["--target-model", "--target_model"]},
+    )
+    target_layers: str | None = field(
+        default=None,
+        metadata={"help": "Aux layers as 0-based decoder layer outputs, e.g. 0,13,27. Optional: read from the "
+                  "manifest, and must match it when given."},
+    )
+    num_draft_layers: int = field(default=1, metadata={"help": "Decoder layers in the draft (1 is the EAGLE-3 default)."})
+    draft_vocab_size: int = field(default=32000, metadata={"help": "Draft lm_head size; capped at the target vocabulary."})
+    draft_arch: str = field(
+        default="qwen3",
+        metadata={"help": "qwen3 (vLLM >= 0.25, q/k norms) or llama (SGLang / older vLLM).", "choices": ["qwen3", "llama"]},
+    )
+    init_lm_head_from_target: bool = field(
+        default=True, metadata={"help": "Start the draft lm_head from the target's lm_head rows of the draft vocab."}
+    )
+    # --- training-time test ---
+    ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (draft steps per position)."})
+    ttt_decay: float = field(default=0.8, metadata={"help": "Loss weight of TTT step i is ttt_decay**i."})
+    head_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each step's lm_head + loss in backward instead of keeping [B, T, draft_vocab] "
+                  "activations (less memory, ~1 extra lm_head matmul per step)."},
+    )
+
+    # --- TrainingArguments fields re-declared for the recipe's aliases and this method's defaults ---
+    output_dir: str | None = field(default="eagle3_qwen3_model", metadata={"help": "Where checkpoints, best_model/ and final_model/ go."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Total training epochs.", "aliases": ["--epochs"]})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Batch size per device for training.", "aliases": ["--batch-size", "--batch_size"]}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak AdamW learning rate.", "aliases": ["--lr"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.015, metadata={"help": "Warmup steps (int) or fraction of training (float < 1)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoint-* folders."})
+    metric_for_best_model: str | None = field(
+        default="accept_len",
+        metadata={"help": "Eval metric that picks best_model/: accept_len (consecutive-run estimator, tracks vLLM), "
+                  "or accept_len_product (1 + sum_k prod_i acc_i)."},
+    )
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Higher metric_for_best_model is better."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all batch keys (the loss needs them)."})
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "group_by_length (default: little padding), random, sequential or batch_rebalance.",
+                  "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.ttt_steps < 1:
+            raise ValueError(f"--ttt-steps must be >= 1, got {self.ttt_steps}")
+        if not 0.0 <= self.eval_ratio < 1.0:
+            raise ValueError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
+        if self.eval_ratio == 0.0:
+            self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
+            self.metric_for_best_model = None
+
+    @property
+    def filter_ranks(self) -> list[int] | None:
+        if self.filter_rank is None or str(self.filter_rank) == "":
+            return None
+        return [int(r) for r in str(self.filter_rank).split(",") if r != ""]
+
+
+def parse_args(argv: list[str] | None = None) -> Eagle3TrainingArguments:
+    """Command line, or a single YAML/JSON file holding the same fields (plus extra flags after it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(Eagle3TrainingArguments)
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file():
+        path, rest = Path(argv[0]), argv[1:]
+        if rest:  # config file + command-line overrides: parse the file's values as defaults
+            import json
+
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+            parser.set_defaults(**values)
+            return parser.parse_args_into_dataclasses(args=rest)[0]
+        if path.suffix == ".json":
+            return parser.parse_json_file(str(path))[0]
+        return parser.parse_yaml_file(str(path))[0]
+    return parser.parse_args_into_dataclasses(args=argv)[0]

@@ -1,0 +1,181 @@
+"""EAGLE-3 training-time test (TTT): the unrolled draft, its soft cross-entropy and its metrics.
+
+Indexing (T tokens x_0..x_{T-1}; the target's last hidden state at s predicts x_{s+1}):
+
+* step 0 at position t: hidden = fc(aux_t), input token x_{t+1}, rope position t; it predicts
+  x_{t+2}, whose target distribution is the target's at s = t + 1.
+* step i: hidden = the draft's own PRE-NORM output of step i - 1 at t, token x_{t+1+i},
+  rope position t + i (vLLM drafts token i at position t + i), target at s = t + 1 + i.
+  Attention: causal over step-0 keys plus each position's own keys from steps 1..i
+  (``Eagle3Cache`` in "ttt" mode, no dense (k*T)^2 mask).
+* a position counts at step i when the token it predicts, x_{s+1}, is an assistant token and
+  the target's full-vocabulary argmax at s lies in the draft vocabulary (a draft can never
+  propose anything else, so training on it only adds noise).
+
+The target distribution is softmax over the draft-vocabulary rows of the target lm_head: we
+never build fp32 [B, T, full vocab]; the full-vocab argmax runs in vocab chunks on the
+positions that need it, under no_grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from eagle3.target import TargetHead
+
+
+@dataclass
+class TargetBatch:
+    """The target side of one batch, indexed by target position s ([B, T, ...])."""
+
+    probs: torch.Tensor  # [B, T, draft_vocab] float32, softmax over the draft rows
+    pred: torch.Tensor  # [B, T] long, draft id of the target's argmax
+    valid: torch.Tensor  # [B, T] bool, x_{s+1} is assistant and the argmax is in the draft vocab
+    assistant: torch.Tensor  # [B, T] bool, x_{s+1} is an assistant token (in range)
+
+
+class TargetProjector:
+    """Frozen target norm + lm_head, kept out of the trained module (no grads, no DDP broadcast)."""
+
+    def __init__(self, head: TargetHead, draft_ids: torch.Tensor, device: torch.device | str = "cpu",
+                 vocab_chunk: int = 32768) -> None:
+        self.eps = float(head.config.rms_norm_eps)
+        self.norm = head.norm.to(device)
+        self.draft_ids = draft_ids.long().to(device)
+        self.draft_rows = head.lm_head[draft_ids.long()].to(device)
+        reduced = draft_ids.numel() < head.lm_head.shape[0]
+        # The full lm_head only serves the "is the argmax in the draft vocab" test.
+        self.full = head.lm_head.to(device) if reduced else None
+        self.in_draft = torch.zeros(head.lm_head.shape[0], dtype=torch.bool, device=device)
+        self.in_draft[self.draft_ids] = True
+        self.vocab_chunk = vocab_chunk
+
+    def to(self, device: torch.device | str) -> TargetProjector:
+        for name in ("norm", "draft_ids", "draft_rows", "full", "in_draft"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+    def normed(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden = last_hidden_states.float()
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.norm.float() * hidden).to(self.draft_rows.dtype)
+
+    def full_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Argmax over the full vocabulary of hidden [N, H] @ lm_head.T, in vocab chunks."""
+        best = torch.full((hidden.shape[0],), float("-inf"), device=hidden.device)
+        best_id = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        for start in range(0, self.full.shape[0], self.vocab_chunk):
+            values, ids = (hidden @ self.full[start : start + self.vocab_chunk].T).float().max(-1)
+            better = values > best
+            best = torch.where(better, values, best)
+            best_id = torch.where(better, ids + start, best_id)
+        return best_id
+
+    @torch.no_grad()
+    def __call__(self, last_hidden_states: torch.Tensor, loss_mask: torch.Tensor) -> TargetBatch:
+        hidden = self.normed(last_hidden_states)
+        logits = (hidden @ self.draft_rows.T).float()
+        pred = logits.argmax(-1)
+        probs = logits.softmax(-1)
+        assistant = torch.zeros_like(loss_mask, dtype=torch.bool)
+        assistant[:, :-1] = loss_mask[:, 1:].bool()
+        valid = assistant.clone()
+        if self.full is not None and assistant.any():
+            valid[assistant] = self.in_draft[self.full_argmax(hidden[assistant])]
+        return TargetBatch(probs=probs, pred=pred, valid=valid, assistant=assistant)
+
+
+def stats_size(steps: int) -> int:
+    """Length of the stats vector: per step (ce_sum, hits, valid, run_k), then run positions."""
+    return 4 * steps + 1
+
+
+def _head_loss(draft, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor):
+    """lm_head + soft cross-entropy summed over valid positions; also the draft's argmax."""
+    logits = draft.compute_logits(normed).float()
+    ce = -(probs * F.log_softmax(logits, dim=-1)).sum(-1)
+    return (ce * valid).sum(), logits.detach().argmax(-1)
+
+
+def ttt_loss(
+    draft,
+    input_ids: torch.Tensor,
+    aux_hidden_states: torch.Tensor,
+    target: TargetBatch,
+    steps: int,
+    decay: float,
+    head_checkpointing: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unroll ``steps`` draft steps over a batch; return (loss, stats) — see ``stats_size``.
+
+    loss = sum_i decay**i * mean soft-CE of step i over its valid positions.
+    """
+    batch, length = input_ids.shape
+    # Token x_{t+1+i} for step i at position t; past the end: a pad id, masked out anyway.
+    padded_ids = F.pad(input_ids, (0, steps + 1), value=0)
+    embeds = draft.embed_tokens(padded_ids)
+    positions = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+    hidden = draft.combine_hidden_states(aux_hidden_states)
+    cache = draft.new_cache("ttt")
+
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    stats = torch.zeros(stats_size(steps), device=input_ids.device)
+    run = torch.ones(batch, max(length - 1, 0), dtype=torch.bool, device=input_ids.device)
+    for i in range(steps):
+        normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
+        n = length - 1 - i  # positions t whose target s = t + 1 + i exists
+        if n <= 0:
+            break
+        probs, valid = target.probs[:, 1 + i :], target.valid[:, 1 + i :]
+        if head_checkpointing and torch.is_grad_enabled():
+            ce_sum, pred = checkpoint(_head_loss, draft, normed[:, :n], probs, valid, use_reentrant=False)
+        else:
+            ce_sum, pred = _head_loss(draft, normed[:, :n], probs, valid)
+        count = valid.sum()
+        loss = loss + decay**i * ce_sum / count.clamp(min=1)
+        hits = (pred == target.pred[:, 1 + i :]) & valid
+        # Consecutive-run estimator: a position keeps its run while every step so far was a hit.
+        run[:, :n] &= hits
+        run[:, n:] = False
+        stats[4 * i : 4 * i + 4] = torch.stack(
+            [ce_sum.detach(), hits.sum().float(), count.float(), (run & target.assistant[:, 1:]).sum().float()]
+        )
+    stats[-1] = target.assistant[:, 1:].sum()  # positions whose step-0 prediction is an assistant token
+    return loss, stats
+
+
+def metrics_from_stats(stats: torch.Tensor, steps: int) -> dict[str, float]:
+    """Per-step loss/acc, cumulative acceptance and the two acceptance-length estimators.
+
+    * ``accept_len_product`` = 1 + sum_k prod_{i<=k} acc_i (the usual formula; overstates
+      vLLM because per-step hits are not independent).
+    * ``accept_len`` = 1 + mean over assistant positions of the number of leading draft steps
+      that hit under teacher forcing (the "consecutive run"; tracks vLLM better, and is the
+      default ``metric_for_best_model``).
+    ``*_k3`` are the same for 3 speculative tokens, a common serving setting.
+    """
+    values = stats.double().tolist()
+    metrics: dict[str, float] = {}
+    cumulative, product_sum, run_sum = 1.0, 0.0, 0.0
+    positions = max(values[-1], 1.0)
+    for i in range(steps):
+        ce_sum, hits, count, run_hits = values[4 * i : 4 * i + 4]
+        acc = hits / count if count else 0.0
+        cumulative *= acc
+        product_sum += cumulative
+        run_sum += run_hits / positions
+        metrics[f"loss_{i}"] = ce_sum / count if count else 0.0
+        metrics[f"acc_{i}"] = acc
+        metrics[f"cum_acc_{i}"] = cumulative
+        if i == min(steps, 3) - 1:
+            metrics["accept_len_product_k3"] = 1.0 + product_sum
+            metrics["accept_len_k3"] = 1.0 + run_sum
+    metrics["accept_len_product"] = 1.0 + product_sum
+    metrics["accept_len"] = 1.0 + run_sum
+    return metrics

@@ -1,0 +1,159 @@
+"""The training entry point behind run_train.py: check, build, train, save, share.
+
+Order matters for the user's time: everything that can be wrong with the command line or the
+data (layers, target, hidden size) is checked from the manifest and the target's config.json
+before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from eagle3.config import Eagle3ConfigError, Eagle3Qwen3Config, parse_layers, to_vllm_layer_ids, validate_target_layers
+from eagle3.data.store import HiddenStateStore, read_manifest
+from eagle3.target import TargetHead, config_hash, load_target_config
+from eagle3.train.args import Eagle3TrainingArguments
+from eagle3.train.dataset import Eagle3Collator, StoreDataset, split_train_eval
+from eagle3.train.loss import TargetProjector
+from eagle3.train.model import Eagle3DraftForTraining
+from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE, FINAL_MODEL_DIR, Eagle3Trainer
+from eagle3.vocab import count_tokens, coverage, select_draft_vocab
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What the data and the command line agree on, established before any heavy work."""
+
+    base_model: str
+    target_config: object
+    target_layers: list[int]
+
+
+def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
+    """Compare --data-dir's manifest with --base-model / --target-layers; raise Eagle3ConfigError."""
+    if not args.data_dir:
+        raise Eagle3ConfigError("--data-dir: give the run_collect.py output directory.")
+    manifest = read_manifest(args.data_dir)
+    recorded = manifest.get("target") or {}
+    base_model = args.base_model or recorded.get("name_or_path")
+    if not base_model:
+        raise Eagle3ConfigError("--base-model: not given and the data manifest does not name the target.")
+    target_config = load_target_config(base_model)
+    if manifest.get("hidden_size") is not None and int(manifest["hidden_size"]) != target_config.hidden_size:
+        raise Eagle3ConfigError(
+            f"--base-model {base_model} has hidden size {target_config.hidden_size}, but the data in --data-dir "
+            f"{args.data_dir} holds hidden states of size {manifest['hidden_size']} (collected from "
+            f"{recorded.get('name_or_path')!r}). Pass the --base-model the data was collected with, or collect again."
+        )
+    if recorded.get("config_hash") and recorded["config_hash"] != config_hash(target_config):
+        raise Eagle3ConfigError(
+            f"--base-model {base_model} is not the model the data in --data-dir {args.data_dir} was collected with "
+            f"({recorded.get('name_or_path')!r}; config hash {recorded['config_hash']} != {config_hash(target_config)}). "
+            "Pass that model as --base-model, or collect data with this one."
+        )
+    stored = [int(x) for x in manifest["layers"]]
+    given = parse_layers(args.target_layers, "--target-layers")
+    if given is not None:
+        given = validate_target_layers(given, target_config.num_hidden_layers, flag="--target-layers")
+        if given != stored:
+            raise Eagle3ConfigError(
+                f"--target-layers {','.join(map(str, given))} does not match the layers the data in --data-dir was "
+                f"collected at: {','.join(map(str, stored))} (vLLM ids {to_vllm_layer_ids(stored)}). Drop "
+                f"--target-layers to use the manifest's, or collect again with --layers {','.join(map(str, given))}."
+            )
+    return Plan(base_model=str(base_model), target_config=target_config, target_layers=stored)
+
+
+def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, draft_ids: torch.Tensor):
+    config = Eagle3Qwen3Config.from_target_config(
+        plan.target_config,
+        target_layers=plan.target_layers,
+        num_draft_layers=args.num_draft_layers,
+        draft_vocab_size=draft_ids.numel(),
+        target_model_name_or_path=plan.base_model,
+        draft_arch=args.draft_arch,
+    )
+    config.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    set_seed(args.seed)
+    draft = Eagle3DraftForTraining(config).float()  # fp32 master weights; bf16/fp16 via the Trainer
+    draft.set_draft_vocab(draft_ids)
+    draft.load_target_embeddings(head.embed_tokens)
+    if args.init_lm_head_from_target:
+        with torch.no_grad():
+            draft.lm_head.weight.copy_(head.lm_head[draft_ids].float())
+    draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
+    return draft
+
+
+def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
+    """Run one training job; returns the final eval metrics (empty without an eval split)."""
+    plan = check_data_against_target(args)
+    if "wandb" in args.report_to:  # keep the (offline) run next to the model it describes
+        os.environ.setdefault("WANDB_DIR", str(Path(args.output_dir).absolute()))
+        Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
+    store = HiddenStateStore(args.data_dir, ranks=args.filter_ranks, deduplicate=args.deduplicate)
+    if len(store) == 0:
+        raise Eagle3ConfigError(f"--data-dir {args.data_dir}: no samples after --filter-rank / deduplication.")
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    train_ids, eval_ids = split_train_eval(len(store), args.eval_ratio, seed)
+    train_set = StoreDataset(store, train_ids, args.max_length)
+    eval_ids = sorted(eval_ids, key=store.length)  # sequential eval order then pads little
+    eval_set = StoreDataset(store, eval_ids, args.max_length) if eval_ids else None
+
+    vocab_size = plan.target_config.vocab_size
+    counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
+    draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
+    data_stats = {
+        "num_train_samples": len(train_set),
+        "num_eval_samples": len(eval_set or []),
+        "num_train_tokens": int(sum(train_set.lengths)),
+        "num_train_assistant_tokens": int(counts.sum()),
+        "num_duplicates_dropped": store.num_duplicates,
+        "distinct_assistant_tokens": int((counts > 0).sum()),
+        "draft_vocab_size": int(draft_ids.numel()),
+        "draft_vocab_coverage": coverage(counts, draft_ids),
+    }
+    logger.info("data: %s", data_stats)
+
+    head = TargetHead.from_pretrained(plan.base_model)
+    draft = build_draft(args, plan, head, draft_ids)
+    trainer = Eagle3Trainer(
+        model=draft,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Eagle3Collator(pad_to_multiple_of=8 if (args.bf16 or args.fp16) else 1),
+        target=TargetProjector(head, draft_ids),
+        data_stats=data_stats,
+        callbacks=callbacks,
+    )
+    resume = args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = get_last_checkpoint(args.output_dir)
+    trainer.train(resume_from_checkpoint=resume)
+
+    output_dir = Path(args.output_dir)
+    metrics = trainer.evaluate() if eval_set is not None else {}
+    trainer.save_draft(output_dir / FINAL_MODEL_DIR, metrics)
+    best = output_dir / BEST_MODEL_DIR
+    if args.should_save:
+        if not (best / "model.safetensors").exists():  # no eval split: the final model is the best we know
+            shutil.copytree(output_dir / FINAL_MODEL_DIR, best, dirs_exist_ok=True)
+        from eagle3.export.hub import write_model_card
+
+        info = json.loads((best / EVAL_METRICS_FILE).read_text())
+        write_model_card(best, info, repo_id=args.hub_model_id)
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics

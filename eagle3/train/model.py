@@ -1,0 +1,43 @@
+"""The draft with a training forward: one call runs the whole training-time-test unroll.
+
+Going through ``forward`` (rather than calling the draft's pieces from the trainer) is what
+lets DDP and DeepSpeed see a single forward per micro-batch, as they require. The class adds
+no weights: it saves exactly what ``Eagle3Qwen3ForCausalLM`` saves and loads back as one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+from eagle3.modeling import Eagle3Qwen3ForCausalLM
+from eagle3.train.loss import TargetBatch, ttt_loss
+
+
+@dataclass
+class Eagle3TrainingOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    stats: torch.Tensor | None = None  # see eagle3.train.loss.stats_size
+
+
+class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
+    ttt_steps: int = 7
+    ttt_decay: float = 0.8
+    head_checkpointing: bool = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        aux_hidden_states: torch.Tensor,
+        target_probs: torch.Tensor,
+        target_pred: torch.Tensor,
+        target_valid: torch.Tensor,
+        target_assistant: torch.Tensor,
+    ) -> Eagle3TrainingOutput:
+        target = TargetBatch(probs=target_probs, pred=target_pred, valid=target_valid, assistant=target_assistant)
+        loss, stats = ttt_loss(
+            self, input_ids, aux_hidden_states, target, self.ttt_steps, self.ttt_decay, self.head_checkpointing
+        )
+        return Eagle3TrainingOutput(loss=loss, stats=stats)

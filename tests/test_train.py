@@ -1,0 +1,231 @@
+"""run_train.py end to end on data collected from the tiny trained target (single process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from huggingface_hub import HfApi
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from eagle3.export.check import check_draft
+from eagle3.train.args import parse_args
+from eagle3.train.cli import main as run_train_main
+from eagle3.train.main import train
+
+try:
+    from tests.train_data import cached_store, wandb_offline_records
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from train_data import cached_store, wandb_offline_records
+
+FAST = ["--report_to", "none", "--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "4",
+        "--dataloader_num_workers", "0", "--logging_steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(trained_target) -> Path:
+    return cached_store(trained_target)
+
+
+def _eval_history(output_dir: Path) -> list[dict]:
+    last = max(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    return [entry for entry in history if "eval_accept_len" in entry]
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, trained_target, tmp_path_factory):
+    """One short run with W&B (offline) and --push_to_hub, the Hub client patched at its HTTP methods."""
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    calls: dict[str, list] = {"create_repo": [], "create_commit": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append((repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        calls["create_commit"].append((repo_id, [op.path_in_repo for op in operations], kwargs))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
+
+    argv = [
+        "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--base-model", str(trained_target),
+        "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--eval-ratio", "0.15", "--eval_on_start", "true",
+        *FAST, "--report_to", "wandb", "--run_name", "tiny-test",
+        "--push_to_hub", "--hub_model_id", "someone/eagle3-tiny",
+    ]
+    with mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}), \
+            mock.patch.object(HfApi, "create_repo", create_repo), \
+            mock.patch.object(HfApi, "create_commit", create_commit):
+        metrics = train(parse_args(argv))
+        import wandb
+
+        wandb.finish()
+    return SimpleNamespace(output_dir=output_dir, metrics=metrics, hub_calls=calls, target=trained_target)
+
+
+def test_training_raises_eval_acceptance_over_the_untrained_draft(trained_run):
+    history = _eval_history(trained_run.output_dir)
+    untrained = history[0]  # --eval_on_start: the draft before any update
+    assert untrained["step"] == 0
+    trained = trained_run.metrics
+    print(f"accept_len untrained {untrained['eval_accept_len']:.3f} -> trained {trained['eval_accept_len']:.3f}; "
+          f"product {untrained['eval_accept_len_product']:.3f} -> {trained['eval_accept_len_product']:.3f}")
+    assert untrained["eval_accept_len"] < 1.2
+    assert trained["eval_accept_len"] > untrained["eval_accept_len"] + 0.5
+    assert trained["eval_acc_0"] > 0.5
+    # the consecutive-run estimator never exceeds the product formula's optimism by construction? no: just sane
+    assert 1.0 <= trained["eval_accept_len"] <= 1.0 + 4
+    for step in range(4):
+        assert f"eval_loss_{step}" in trained and f"eval_cum_acc_{step}" in trained
+    assert 0.0 <= trained["eval_padding_fraction"] < 0.5
+
+
+def test_best_model_is_the_best_eval_checkpoint_and_passes_eagle3_check(trained_run):
+    best = trained_run.output_dir / "best_model"
+    info = json.loads((best / "eagle3_eval.json").read_text())
+    best_seen = max(entry["eval_accept_len"] for entry in _eval_history(trained_run.output_dir))
+    assert info["metrics"]["eval_accept_len"] == pytest.approx(best_seen)
+    assert check_draft(best, trained_run.target) == []
+    assert check_draft(trained_run.output_dir / "final_model", trained_run.target) == []
+    config = json.loads((best / "config.json").read_text())
+    assert config["architectures"] == ["Eagle3Qwen3ForCausalLM"] and config["draft_vocab_size"] == 256
+    tensors = load_file(best / "model.safetensors")
+    assert "embed_tokens.weight" not in tensors and tensors["d2t"].dtype == torch.int64
+    assert sorted(p.name for p in best.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_wandb_offline_run_holds_per_step_acceptance(trained_run):
+    runs = list((trained_run.output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    logged, config = set(), set()
+    for record in wandb_offline_records(runs[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            logged |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "config":
+            config |= {item.key or "/".join(item.nested_key) for item in record.config.update}
+    for key in ("train/acc_0", "train/acc_3", "train/cum_acc_3", "train/accept_len", "train/accept_len_product",
+                "train/loss_0", "train/padding_fraction", "eval/acc_0", "eval/accept_len"):
+        assert key in logged, sorted(logged)
+    assert {"ttt_steps", "ttt_decay", "draft_vocab_size", "data"} <= config  # the run config and data stats
+
+
+def test_model_card_and_hub_upload(trained_run):
+    card = (trained_run.output_dir / "best_model" / "README.md").read_text()
+    for expected in ("eagle3", "[1, 3, 4]", "[2, 4, 5]", "256 of 768", "num_train_samples", "accept_len",
+                     '"method": "eagle3"', "someone/eagle3-tiny", str(trained_run.target)):
+        assert expected in card, expected
+    assert [repo for repo, _ in trained_run.hub_calls["create_repo"]] == ["someone/eagle3-tiny"]
+    (repo_id, files, _), = trained_run.hub_calls["create_commit"]
+    assert repo_id == "someone/eagle3-tiny"
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert not any(name.startswith("checkpoint-") or name.endswith(".bin") for name in files)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path):
+    # 117 train samples / batch 16 = 8 steps per epoch: the interruption is in epoch 0, the run ends in epoch 1.
+    def args(out, *extra):
+        return parse_args(["--data-dir", str(data_dir), "--output-dir", str(out), "--base-model", str(trained_target),
+                           "--max_steps", "11", "--batch-size", "16", "--lr", "3e-3", "--eval-ratio", "0.15",
+                           "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "100", *FAST, *extra])
+
+    train(args(tmp_path / "straight"))
+    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(5)])
+    assert (tmp_path / "interrupted" / "checkpoint-5" / "optimizer.pt").exists()
+    train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(tmp_path / "interrupted" / "checkpoint-5")))
+    straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
+    fresh = load_file(tmp_path / "interrupted" / "checkpoint-5" / "model.safetensors")
+    assert not torch.allclose(fresh["fc.weight"], straight["fc.weight"])  # the resume did train further
+
+
+def _rewritten_manifest(data_dir: Path, tmp_path: Path, **changes) -> Path:
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for key, value in changes.items():
+        if key == "config_hash":
+            manifest["target"]["config_hash"] = value
+        else:
+            manifest[key] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("change", "flags", "expected"),
+    [
+        ({}, ["--target-layers", "0,3,7"], ["--target-layers 0,3,7", "1,3,4", "vLLM ids [2, 4, 5]"]),
+        ({"config_hash": "0123456789abcdef"}, [], ["--base-model", "not the model", "0123456789abcdef"]),
+        ({"hidden_size": 2048}, [], ["--base-model", "hidden size 128", "size 2048"]),
+        ({}, ["--target-layers", "1,3,9"], ["--target-layers", "out of range", "0..7"]),
+    ],
+)
+def test_mismatches_stop_before_any_work_with_a_clear_message(data_dir, trained_target, tmp_path, capsys,
+                                                              change, flags, expected):
+    directory = _rewritten_manifest(data_dir, tmp_path, **change) if change else data_dir
+    code = run_train_main(["--data-dir", str(directory), "--output-dir", str(tmp_path / "out"),
+                           "--base-model", str(trained_target), *FAST, *flags])
+    message = capsys.readouterr().err
+    assert code == 2
+    for text in expected:
+        assert text in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):
+    args = parse_args("--data-dir d --filter-rank 0 --no-deduplicate --output-dir o --base-model m "
+                      "--target-layers 0,13,27 --num-draft-layers 2 --epochs 10 --batch-size 64 "
+                      "--gradient-accumulation-steps 4 --lr 1e-4 --report_to none".split())
+    assert (args.data_dir, args.filter_ranks, args.deduplicate, args.output_dir) == ("d", [0], False, "o")
+    assert (args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (10, 64, 4)
+    assert (args.learning_rate, args.num_draft_layers, args.target_layers) == (1e-4, 2, "0,13,27")
+    same = parse_args("--data_dir d --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 1e-4 "
+                      "--report_to none".split())
+    assert (same.num_train_epochs, same.per_device_train_batch_size, same.learning_rate) == (10, 64, 1e-4)
+    (tmp_path / "train.yaml").write_text("data_dir: d\nnum_train_epochs: 2\nttt_steps: 5\nreport_to: none\n")
+    from_file = parse_args([str(tmp_path / "train.yaml")])
+    assert (from_file.num_train_epochs, from_file.ttt_steps) == (2, 5)
+    overridden = parse_args([str(tmp_path / "train.yaml"), "--ttt-steps", "3"])
+    assert (overridden.num_train_epochs, overridden.ttt_steps) == (2, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_best_model_loads_and_speculates_in_vllm(trained_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_run.target)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             enable_thinking=False, tokenize=False)
+               for q in ("Count from 3 to 10.", "Spell the word tiger.", "What is 4 plus 5?")]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    result = subprocess.run(
+        [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(trained_run.target),
+         "--draft", str(trained_run.output_dir / "best_model"), "--num-speculative-tokens", "3",
+         "--max-tokens", "32", "--prompts", str(tmp_path / "prompts.json"), "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (run,) = json.loads((tmp_path / "out.json").read_text())["drafts"].values()
+    print(f"vLLM acceptance length of best_model: {run['acceptance_length']:.3f}")
+    assert run["num_drafts"] > 0 and run["acceptance_length"] > 1.3
