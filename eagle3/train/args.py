@@ -9,10 +9,12 @@ JSON file given as the only argument holds the same options by field name.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 
@@ -89,6 +91,11 @@ class Eagle3TrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # CPU-only multi-process (CI, laptops): DeepSpeed's CPU default backend (oneCCL) is rarely
+            # installed, and without use_cpu accelerate would see one process. gloo always works.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         if self.ttt_steps < 1:
             raise ValueError(f"--ttt-steps must be >= 1, got {self.ttt_steps}")
