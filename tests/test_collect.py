@@ -181,11 +181,11 @@ def _samples(directory):
     return {store[i].key: store[i] for i in range(len(store))}
 
 
-def test_resume_after_sigkill_gives_the_uninterrupted_samples(trained_target, tmp_path):
+def test_resume_after_sigkill_gives_the_uninterrupted_samples(trained_target, tmp_path, capsys):
     data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(20, seed=3, turns=1))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     reference = tmp_path / "reference"
-    subprocess.run(_collect_cmd(trained_target, data, reference), check=True, env=env, timeout=300)
+    assert run_main(_collect_cmd(trained_target, data, reference)[2:], capsys)[0] == 0
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(_collect_cmd(trained_target, data, killed), env=env)
@@ -205,7 +205,8 @@ def test_resume_after_sigkill_gives_the_uninterrupted_samples(trained_target, tm
     partial = json.loads((killed / "manifest.json").read_text())
     expected = _samples(reference)
     assert 0 < partial["num_samples"] < len(expected)
-    subprocess.run(_collect_cmd(trained_target, data, killed), check=True, env=env, timeout=300)
+    code, stdout, _ = run_main(_collect_cmd(trained_target, data, killed)[2:], capsys)
+    assert code == 0 and f"collected {len(expected) - partial['num_samples']} samples" in stdout
 
     resumed = _samples(killed)
     assert sorted(resumed) == sorted(expected)  # same keys
@@ -310,3 +311,39 @@ def test_skip_bad_lines_counts(trained_target, tmp_path, capsys):
     )
     assert code == 0, err
     assert "collected 2 samples" in stdout and "skipped 1 malformed records" in stdout
+
+
+def test_ranks_take_disjoint_shares(trained_target, chats, tmp_path, capsys, monkeypatch):
+    """What torchrun / accelerate launch set: RANK and WORLD_SIZE; each rank writes its own shards."""
+    argv = ["--model", trained_target, "--dataset", chats, "--output-dir", tmp_path, "--no-regenerate", "--quiet"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert run_main(argv, capsys)[0] == 0
+    assert sorted(p.name[:9] for p in tmp_path.glob("shard-*")) == ["shard-r00", "shard-r01"]
+    rank0, rank1 = (HiddenStateStore(tmp_path, ranks=[r]) for r in (0, 1))
+    keys0, keys1 = ({s[i].key for i in range(len(s))} for s in (rank0, rank1))
+    assert keys0 == {0, 2, 4} and keys1 == {1}  # key 3 (a bare prompt) has no answer without regeneration
+    assert HiddenStateStore(tmp_path).manifest["ranks"] == [0, 1]
+
+
+def test_sampling_is_seeded(trained_target, chats, tmp_path, capsys):
+    argv = [
+        "--model",
+        trained_target,
+        "--dataset",
+        chats,
+        "--temperature",
+        "1.0",
+        "--top-p",
+        "0.9",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "7",
+        "--quiet",
+    ]
+    for name in ("a", "b"):
+        assert run_main([*argv, "--output-dir", tmp_path / name], capsys)[0] == 0
+    a, b = HiddenStateStore(tmp_path / "a"), HiddenStateStore(tmp_path / "b")
+    assert [a[i].input_ids.tolist() for i in range(len(a))] == [b[i].input_ids.tolist() for i in range(len(b))]
