@@ -1,0 +1,225 @@
+"""Training benchmarks (CPU is fine; random tensors, no download).
+
+1. Throughput: Eagle3Trainer tokens/s against a minimal hand-written loop (same draft, same
+   TTT loss, same optimizer and batches) in the same process.
+2. Peak memory of one training step at Qwen3-1.7B's shapes (H=2048, vocab 151936, draft vocab
+   32000, 7 TTT steps) for: this loss, this loss with --head-checkpointing, and the naive loss
+   that materialises the target's fp32 full-vocab logits for every step.
+
+    python bench/bench_train.py --throughput --memory --seq-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import tempfile
+import threading
+import time
+
+import psutil
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Qwen3Config
+
+from eagle3.config import Eagle3Qwen3Config
+from eagle3.target import TargetHead
+from eagle3.train.args import Eagle3TrainingArguments
+from eagle3.train.dataset import Eagle3Collator
+from eagle3.train.loss import TargetProjector, ttt_loss
+from eagle3.train.model import Eagle3DraftForTraining
+from eagle3.train.trainer import Eagle3Trainer
+
+
+def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, intermediate, seed=0):
+    torch.manual_seed(seed)
+    target_config = Qwen3Config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab,
+                                num_hidden_layers=28, max_position_embeddings=40960)
+    config = Eagle3Qwen3Config.from_target_config(target_config, target_layers=[1, 13, 24],
+                                                   draft_vocab_size=draft_vocab)
+    draft = Eagle3DraftForTraining(config).float()
+    draft.ttt_steps, draft.ttt_decay = steps, 0.8
+    head = TargetHead(config=target_config, embed_tokens=torch.randn(vocab, hidden) * 0.02,
+                      norm=torch.ones(hidden), lm_head=torch.randn(vocab, hidden) * 0.02)
+    draft_ids = torch.sort(torch.randperm(vocab)[:draft_vocab]).values if draft_vocab < vocab else torch.arange(vocab)
+    draft.set_draft_vocab(draft_ids)
+    draft.load_target_embeddings(head.embed_tokens)
+    return draft, head, draft_ids
+
+
+class RandomSamples(Dataset):
+    def __init__(self, n, length, hidden, vocab, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [{
+            "input_ids": torch.randint(0, vocab, (length,), generator=g),
+            "loss_mask": torch.ones(length, dtype=torch.bool),
+            "aux_hidden_states": torch.randn(length, 3 * hidden, generator=g).bfloat16(),
+            "last_hidden_states": torch.randn(length, hidden, generator=g).bfloat16(),
+        } for _ in range(n)]
+        self.lengths = [length] * n
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def throughput(args) -> dict:
+    shapes = dict(hidden=256, vocab=4096, draft_vocab=1024, steps=args.steps, heads=4, kv_heads=2, head_dim=64,
+                  intermediate=768)
+    data = RandomSamples(args.batches * args.batch_size, args.seq_len, shapes["hidden"], shapes["vocab"])
+    collate = Eagle3Collator()
+    tokens = args.batches * args.batch_size * args.seq_len
+
+    def hand_loop() -> float:
+        """Same model, loss, AdamW, clipping and batches as the Trainer; nothing else."""
+        draft, head, ids = make_parts(**shapes)
+        projector = TargetProjector(head, ids)
+        optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        draft.train()
+        start = time.perf_counter()
+        for b in range(args.batches):
+            batch = collate([data[b * args.batch_size + j] for j in range(args.batch_size)])
+            target = projector(batch["last_hidden_states"], batch["loss_mask"])
+            loss, _ = ttt_loss(draft, batch["input_ids"], batch["aux_hidden_states"], target, args.steps, 0.8)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    hand_loop()  # warm-up (allocator, kernels) so neither side pays first-run costs
+    loop_times = [hand_loop()]
+
+    draft, head, ids = make_parts(**shapes)
+    with tempfile.TemporaryDirectory() as out:
+        targs = Eagle3TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.batches,
+                                        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10**6,
+                                        disable_tqdm=True, ttt_steps=args.steps, dataloader_num_workers=0,
+                                        train_sampling_strategy="sequential", warmup_steps=0, lr_scheduler_type="constant",
+                                        dataloader_pin_memory=False)
+        trainer = Eagle3Trainer(model=draft, args=targs, train_dataset=data, data_collator=collate,
+                                target=TargetProjector(head, ids))
+        start = time.perf_counter()
+        trainer.train()
+        trainer_s = time.perf_counter() - start
+    loop_times.append(hand_loop())  # before and after: the CPU is shared, take the faster
+    loop_s = min(loop_times)
+    return {"tokens": tokens, "loop_tokens_per_s": tokens / loop_s, "trainer_tokens_per_s": tokens / trainer_s,
+            "ratio": loop_s / trainer_s, "shapes": shapes, "seq_len": args.seq_len, "batch_size": args.batch_size}
+
+
+class PeakRSS:
+    """Peak resident memory during a block (sampled every 5 ms), minus the memory before it."""
+
+    def __enter__(self):
+        gc.collect()
+        self.process = psutil.Process()
+        self.base = self.process.memory_info().rss
+        self.peak = self.base
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.delta_gib = (self.peak - self.base) / 2**30
+
+
+def naive_loss(draft, head, draft_ids, input_ids, aux, last, loss_mask, steps, decay):
+    """What OOMs in the wild: fp32 target logits over the full vocab for every TTT step, and a
+    full-vocab draft-target comparison; the draft side is the same unroll."""
+    hidden_t = last.float()
+    hidden_t = hidden_t * torch.rsqrt(hidden_t.pow(2).mean(-1, keepdim=True) + 1e-6) * head.norm
+    target_full = [(hidden_t @ head.lm_head.T)[:, 1 + i :].float() for i in range(steps)]  # per step, fp32
+    batch, length = input_ids.shape
+    padded = F.pad(input_ids, (0, steps + 1))
+    embeds = draft.embed_tokens(padded)
+    positions = torch.arange(length).expand(batch, -1)
+    hidden = draft.combine_hidden_states(aux)
+    cache = draft.new_cache("ttt")
+    loss = 0.0
+    for i in range(steps):
+        normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
+        n = length - 1 - i
+        full_probs = target_full[i].softmax(-1)
+        probs = full_probs[..., draft_ids]
+        probs = probs / probs.sum(-1, keepdim=True)
+        valid = torch.isin(full_probs.argmax(-1), draft_ids) & loss_mask[:, 1 + i :]
+        logp = draft.compute_logits(normed[:, :n]).float().log_softmax(-1)
+        loss = loss + decay**i * (-(probs * logp).sum(-1) * valid).sum() / valid.sum().clamp(min=1)
+    return loss
+
+
+def memory(args) -> dict:
+    shapes = dict(hidden=2048, vocab=151936, draft_vocab=32000, steps=7, heads=16, kv_heads=8, head_dim=128,
+                  intermediate=6144)
+    draft, head, ids = make_parts(**shapes)
+    projector = TargetProjector(head, ids)
+    g = torch.Generator().manual_seed(0)
+    length = args.mem_seq_len
+    input_ids = torch.randint(0, shapes["vocab"], (1, length), generator=g)
+    aux = torch.randn(1, length, 3 * 2048, generator=g).bfloat16()
+    last = torch.randn(1, length, 2048, generator=g).bfloat16()
+    mask = torch.ones(1, length, dtype=torch.bool)
+    results = {"seq_len": length, "shapes": shapes}
+
+    def step(kind):
+        draft.zero_grad(set_to_none=True)
+        if kind == "naive":
+            loss = naive_loss(draft, head, ids, input_ids, aux, last, mask, 7, 0.8)
+        else:
+            draft.head_checkpointing = kind == "ours_head_checkpointing"
+            loss, _ = ttt_loss(draft, input_ids, aux, projector(last, mask), 7, 0.8, draft.head_checkpointing)
+        loss.backward()
+
+    for kind in ("ours", "ours_head_checkpointing", "naive"):
+        step(kind)  # warm up allocator / lazy init outside the measurement
+        draft.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with PeakRSS() as peak:
+            step(kind)
+        results[kind] = {"peak_gib_above_baseline": round(peak.delta_gib, 3), "seconds": round(time.perf_counter() - start, 2)}
+        gc.collect()
+    results["max_rss_gib_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--memory", action="store_true")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--mem-seq-len", type=int, default=2048)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    results = {}
+    if args.throughput:
+        results["throughput"] = throughput(args)
+        print(json.dumps(results["throughput"], indent=1), flush=True)
+    if args.memory:
+        results["memory"] = memory(args)
+        print(json.dumps(results["memory"], indent=1), flush=True)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
