@@ -170,7 +170,7 @@ def _collect_cmd(model, data, out, *extra):
         "--shard-tokens",
         "60",
         "--target-tokens",
-        "500",
+        "400",
         "--quiet",
         *extra,
     ]
@@ -215,9 +215,9 @@ def test_resume_after_sigkill_gives_the_uninterrupted_samples(trained_target, tm
         assert torch.equal(resumed[key].input_ids, sample.input_ids)
         assert torch.equal(resumed[key].loss_mask, sample.loss_mask)
         torch.testing.assert_close(resumed[key].aux_hidden_states, sample.aux_hidden_states, rtol=0, atol=1e-2)
-    # both stopped at --target-tokens: the last sample (highest key) is the one that crossed 500
+    # both stopped at --target-tokens: the last sample (highest key) is the one that crossed 400
     total = sum(len(s.input_ids) for s in resumed.values())
-    assert total >= 500 > total - len(resumed[max(resumed)].input_ids)
+    assert total >= 400 > total - len(resumed[max(resumed)].input_ids)
 
 
 # --------------------------------------------------------------------------- bad inputs

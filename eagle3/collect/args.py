@@ -12,7 +12,7 @@ from eagle3.config import parse_layers
 @dataclass
 class CollectArgs:
     model: str
-    output_dir: str
+    output_dir: str | None
     dataset: list[str] = field(default_factory=list)
     dataset_split: str = "train"
     layers: list[int] | None = None  # command-line numbering (output of 0-based layer i); None = EAGLE-3 default
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     regen.add_argument("--seed", type=int, default=0)
 
     store = parser.add_argument_group("store")
-    store.add_argument("--output-dir", required=True, help="where shards + manifest.json go (resumes when present)")
+    store.add_argument("--output-dir", help="where shards + manifest.json go (resumes when present); required")
     store.add_argument(
         "--layers",
         default=None,
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     backend.add_argument(
         "--server-args",
         default="",
-        help="extra vLLM server flags for --print-server-command, e.g. '--tensor-parallel-size 2 --max-model-len 8192'",
+        help="extra vLLM server flags for --print-server-command; write it with '=': --server-args='--enforce-eager'",
     )
     backend.add_argument(
         "--print-server-command",
@@ -149,6 +149,8 @@ def parse_args(argv: Sequence[str] | None = None) -> CollectArgs:
     if values["temperature"] < 0:
         parser.error(f"--temperature must be >= 0, got {values['temperature']}")
     if not values["print_server_command"]:
+        if not values["output_dir"]:
+            parser.error("--output-dir is required")
         if not values["dataset"]:
             parser.error("--dataset is required (JSONL file(s) or a Hugging Face dataset)")
         if values["backend"] == "vllm" and not values["server_url"]:
