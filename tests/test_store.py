@@ -146,3 +146,26 @@ def test_disk_full_keeps_manifest_consistent(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == ["shard-r00-000000.safetensors"]
     assert len(HiddenStateStore(tmp_path, verify_checksums=True)) == 2
     assert StoreWriter(tmp_path, _header()).done_keys == {0, 1}
+
+
+def test_ranks_writing_concurrently_keep_one_consistent_manifest(tmp_path):
+    """Two processes (as under torchrun) append shards to one directory at the same time."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_store import _header, _sample
+        from eagle3.data.store import StoreWriter
+        rank = int(sys.argv[1])
+        writer = StoreWriter({str(tmp_path)!r}, _header(), rank=rank, shard_max_tokens=1)
+        for key in range(rank, 30, 2):
+            writer.add(_sample(key))  # one shard per sample: many manifest updates racing
+        writer.close()
+        """
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(rank)]) for rank in (0, 1)]
+    assert [p.wait(timeout=120) for p in processes] == [0, 0]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["num_samples"] == 30 and len(manifest["shards"]) == 30 and manifest["ranks"] == [0, 1]
+    store = HiddenStateStore(tmp_path, verify_checksums=True)
+    assert sorted(store[i].key for i in range(len(store))) == list(range(30))
