@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
 from eagle3.data.sources import Conversation
-from eagle3.data.store import Sample
+from eagle3.data.store import DTYPES, Sample
 from eagle3.data.template import ChatRenderer
 
 
@@ -69,10 +69,12 @@ class HfBackend:
         seed: int = 0,
         device: str | None = None,
         dtype: str = "auto",
+        hidden_dtype: str = "bf16",
     ):
         self.device = torch.device(device or default_device())
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype)).to(self.device).eval()
         self.renderer = renderer
+        self.hidden_dtype = DTYPES[hidden_dtype]
         self.layers = list(layers)
         self.num_layers = self.model.config.num_hidden_layers
         self.batch_size = batch_size
@@ -150,7 +152,7 @@ class HfBackend:
     # ------------------------------------------------------------------ capture
     @torch.inference_mode()
     def capture(self, sequences: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(aux [T, n_aux*H], last [T, H]) per sequence, on the CPU, in the model's dtype."""
+        """(aux [T, n_aux*H], last [T, H]) per sequence, on the CPU, in the stored dtype."""
         width = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -164,8 +166,14 @@ class HfBackend:
             )
         finally:
             capture.remove()
-        aux = torch.cat([capture.outputs[layer] for layer in self.layers], dim=-1).cpu()
-        last = capture.outputs[self.num_layers - 1].cpu()
+        # One pass per layer: copy + cast into the stored dtype on the device (halves the
+        # device-to-host transfer for bf16), instead of cat, cast and copy as separate passes.
+        hidden = capture.outputs[self.num_layers - 1]
+        size = hidden.shape[-1]
+        aux = torch.empty((*hidden.shape[:2], size * len(self.layers)), dtype=self.hidden_dtype, device=hidden.device)
+        for slot, layer in enumerate(self.layers):
+            aux[..., slot * size : (slot + 1) * size].copy_(capture.outputs[layer])
+        aux, last = aux.cpu(), hidden.to(self.hidden_dtype).cpu()
         return [(aux[row, : len(ids)], last[row, : len(ids)]) for row, ids in enumerate(sequences)]
 
     # ------------------------------------------------------------------ the backend interface

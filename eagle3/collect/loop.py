@@ -161,6 +161,7 @@ def make_backend(plan: Plan) -> Backend:
             seed=args.seed,
             device=args.device,
             dtype=args.dtype,
+            hidden_dtype=args.hidden_dtype,
         )
     from eagle3.collect.vllm_client import VllmBackend
 
