@@ -178,6 +178,7 @@ def collect(args: CollectArgs) -> Summary:
     budget_left = None if plan.token_budget is None else max(plan.token_budget - stored, 0)
     if plan.conversations and budget_left != 0:
         backend = make_backend(plan)
+        collecting_since = time.perf_counter()  # tokens/s without the model load / server checks
         by_tokens = budget_left is not None
         bar = tqdm(
             total=budget_left if by_tokens else len(plan.conversations),
@@ -197,8 +198,9 @@ def collect(args: CollectArgs) -> Summary:
                 if writer.add(sample):
                     new_samples += 1
                     new_tokens += len(sample.input_ids)
-                    bar.update(len(sample.input_ids) if by_tokens else 1)
-                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    # the sample that crosses --target-tokens is kept whole; the bar stops at 100 %
+                    bar.update(min(len(sample.input_ids), bar.total - bar.n) if by_tokens else 1)
+                    elapsed = max(time.perf_counter() - collecting_since, 1e-9)
                     bar.set_postfix(samples=new_samples, tok_s=f"{new_tokens / elapsed:.0f}", refresh=False)
                 if budget_left is not None and new_tokens >= budget_left:
                     break
