@@ -21,10 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, trained_target, tmp_path):
+STAGES = ("zero2", "zero3")
+
+
+@pytest.fixture(scope="module")
+def runs(trained_target, tmp_path_factory) -> dict[str, Path]:
+    """One 2-process run per ZeRO stage; output_dir per stage."""
+    return {stage: _launch(stage, trained_target, tmp_path_factory.mktemp(stage) / "out") for stage in STAGES}
+
+
+def _launch(stage: str, trained_target: Path, output_dir: Path) -> Path:
     data_dir = cached_store(trained_target)
-    output_dir = tmp_path / "out"
     command = [
         str(Path(sys.executable).with_name("accelerate")), "launch",
         "--config_file", str(REPO / "accelerate_configs" / f"deepspeed_{stage}.yaml"), "--num_processes", "2",
@@ -38,6 +45,12 @@ def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, trained_
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-5000:]
+    return output_dir
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, runs, trained_target):
+    output_dir = runs[stage]
     best = output_dir / "best_model"
     assert check_draft(best, trained_target) == []
     info = json.loads((best / "eagle3_eval.json").read_text())
@@ -46,3 +59,28 @@ def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, trained_
     # 2 processes x batch 4: each optimizer step consumed 8 samples
     assert state["train_batch_size"] == 4 and state["global_step"] == 4
     assert any(p.name.startswith("global_step") for p in (output_dir / "checkpoint-4").iterdir())  # DeepSpeed state
+
+
+@pytest.mark.vllm
+def test_deepspeed_best_models_load_and_speculate_in_vllm(runs, trained_target, tmp_path):
+    """What ZeRO-3 gathered and saved is what vLLM serves: lossless output, drafts made."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_target)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             enable_thinking=False, tokenize=False)
+               for q in ("Count from 3 to 10.", "What is 4 plus 5?")]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    drafts = [str(runs[stage] / "best_model") for stage in STAGES]
+    result = subprocess.run(
+        [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(trained_target), "--baseline",
+         *[arg for draft in drafts for arg in ("--draft", draft)], "--num-speculative-tokens", "3",
+         "--max-tokens", "24", "--prompts", str(tmp_path / "prompts.json"), "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for draft in drafts:
+        run = out["drafts"][draft]
+        assert run["num_drafts"] > 0, draft
+        assert run["token_ids"] == out["baseline"]["token_ids"], draft
