@@ -2,20 +2,62 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from pathlib import Path
+
+import torch
 
 from eagle3.config import Eagle3ConfigError
 from eagle3.data.store import StoreError
 from eagle3.train.args import parse_args
 from eagle3.train.main import train
+from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE
+
+
+def _summary(output_dir: Path, seconds: float) -> str:
+    best = output_dir / BEST_MODEL_DIR
+    lines = [f"training done in {seconds:.0f} s", f"best_model: {best}  (pass this to vLLM as the draft)"]
+    info_path = best / EVAL_METRICS_FILE
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        metrics, data = info.get("metrics", {}), info.get("data", {})
+        if "eval_accept_len" in metrics:
+            lines.append(
+                f"eval simulated acceptance length: {metrics['eval_accept_len']:.3f} over all TTT steps, "
+                f"{metrics.get('eval_accept_len_k3', float('nan')):.3f} at k=3 (step {info.get('global_step')})"
+            )
+        if data:
+            lines.append(
+                f"data: {data.get('num_train_samples')} train / {data.get('num_eval_samples')} eval samples, "
+                f"{data.get('num_train_tokens')} train tokens, draft vocab {data.get('draft_vocab_size')} "
+                f"(covers {100 * data.get('draft_vocab_coverage', 0):.1f}% of assistant tokens)"
+            )
+    return "\n".join(lines)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    start = time.perf_counter()
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        train(args)
+        if _distributed():
+            torch.distributed.barrier()  # every rank finished saving
     except (Eagle3ConfigError, StoreError, FileNotFoundError) as error:
         print(f"run_train.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # Tear the process group down before interpreter exit: a gloo group left to the
+        # destructors can abort one rank at exit ("terminate called without an active exception").
+        if _distributed():
+            torch.distributed.destroy_process_group()
+    if args.should_save:
+        print("\n" + _summary(Path(args.output_dir), time.perf_counter() - start))
     return 0
