@@ -36,15 +36,27 @@ from eagle3.train.trainer import Eagle3Trainer
 
 def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, intermediate, seed=0):
     torch.manual_seed(seed)
-    target_config = Qwen3Config(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                head_dim=head_dim, intermediate_size=intermediate, vocab_size=vocab,
-                                num_hidden_layers=28, max_position_embeddings=40960)
-    config = Eagle3Qwen3Config.from_target_config(target_config, target_layers=[1, 13, 24],
-                                                   draft_vocab_size=draft_vocab)
+    target_config = Qwen3Config(
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=intermediate,
+        vocab_size=vocab,
+        num_hidden_layers=28,
+        max_position_embeddings=40960,
+    )
+    config = Eagle3Qwen3Config.from_target_config(
+        target_config, target_layers=[1, 13, 24], draft_vocab_size=draft_vocab
+    )
     draft = Eagle3DraftForTraining(config).float()
     draft.ttt_steps, draft.ttt_decay = steps, 0.8
-    head = TargetHead(config=target_config, embed_tokens=torch.randn(vocab, hidden) * 0.02,
-                      norm=torch.ones(hidden), lm_head=torch.randn(vocab, hidden) * 0.02)
+    head = TargetHead(
+        config=target_config,
+        embed_tokens=torch.randn(vocab, hidden) * 0.02,
+        norm=torch.ones(hidden),
+        lm_head=torch.randn(vocab, hidden) * 0.02,
+    )
     draft_ids = torch.sort(torch.randperm(vocab)[:draft_vocab]).values if draft_vocab < vocab else torch.arange(vocab)
     draft.set_draft_vocab(draft_ids)
     draft.load_target_embeddings(head.embed_tokens)
@@ -54,12 +66,15 @@ def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, int
 class RandomSamples(Dataset):
     def __init__(self, n, length, hidden, vocab, seed=0):
         g = torch.Generator().manual_seed(seed)
-        self.items = [{
-            "input_ids": torch.randint(0, vocab, (length,), generator=g),
-            "loss_mask": torch.ones(length, dtype=torch.bool),
-            "aux_hidden_states": torch.randn(length, 3 * hidden, generator=g).bfloat16(),
-            "last_hidden_states": torch.randn(length, hidden, generator=g).bfloat16(),
-        } for _ in range(n)]
+        self.items = [
+            {
+                "input_ids": torch.randint(0, vocab, (length,), generator=g),
+                "loss_mask": torch.ones(length, dtype=torch.bool),
+                "aux_hidden_states": torch.randn(length, 3 * hidden, generator=g).bfloat16(),
+                "last_hidden_states": torch.randn(length, hidden, generator=g).bfloat16(),
+            }
+            for _ in range(n)
+        ]
         self.lengths = [length] * n
 
     def __len__(self):
@@ -70,8 +85,9 @@ class RandomSamples(Dataset):
 
 
 def throughput(args) -> dict:
-    shapes = dict(hidden=256, vocab=4096, draft_vocab=1024, steps=args.steps, heads=4, kv_heads=2, head_dim=64,
-                  intermediate=768)
+    shapes = dict(
+        hidden=256, vocab=4096, draft_vocab=1024, steps=args.steps, heads=4, kv_heads=2, head_dim=64, intermediate=768
+    )
     data = RandomSamples(args.batches * args.batch_size, args.seq_len, shapes["hidden"], shapes["vocab"])
     collate = Eagle3Collator()
     tokens = args.batches * args.batch_size * args.seq_len
@@ -98,20 +114,39 @@ def throughput(args) -> dict:
 
     draft, head, ids = make_parts(**shapes)
     with tempfile.TemporaryDirectory() as out:
-        targs = Eagle3TrainingArguments(output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=args.batches,
-                                        report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10**6,
-                                        disable_tqdm=True, ttt_steps=args.steps, dataloader_num_workers=0,
-                                        train_sampling_strategy="sequential", warmup_steps=0, lr_scheduler_type="constant",
-                                        dataloader_pin_memory=False)
-        trainer = Eagle3Trainer(model=draft, args=targs, train_dataset=data, data_collator=collate,
-                                target=TargetProjector(head, ids))
+        targs = Eagle3TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.batches,
+            report_to=[],
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            ttt_steps=args.steps,
+            dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+            dataloader_pin_memory=False,
+        )
+        trainer = Eagle3Trainer(
+            model=draft, args=targs, train_dataset=data, data_collator=collate, target=TargetProjector(head, ids)
+        )
         start = time.perf_counter()
         trainer.train()
         trainer_s = time.perf_counter() - start
     loop_times.append(hand_loop())  # before and after: the CPU is shared, take the faster
     loop_s = min(loop_times)
-    return {"tokens": tokens, "loop_tokens_per_s": tokens / loop_s, "trainer_tokens_per_s": tokens / trainer_s,
-            "ratio": loop_s / trainer_s, "shapes": shapes, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    return {
+        "tokens": tokens,
+        "loop_tokens_per_s": tokens / loop_s,
+        "trainer_tokens_per_s": tokens / trainer_s,
+        "ratio": loop_s / trainer_s,
+        "shapes": shapes,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+    }
 
 
 class PeakRSS:
@@ -165,8 +200,9 @@ def naive_loss(draft, head, draft_ids, input_ids, aux, last, loss_mask, steps, d
 
 
 def memory(args) -> dict:
-    shapes = dict(hidden=2048, vocab=151936, draft_vocab=32000, steps=7, heads=16, kv_heads=8, head_dim=128,
-                  intermediate=6144)
+    shapes = dict(
+        hidden=2048, vocab=151936, draft_vocab=32000, steps=7, heads=16, kv_heads=8, head_dim=128, intermediate=6144
+    )
     draft, head, ids = make_parts(**shapes)
     projector = TargetProjector(head, ids)
     g = torch.Generator().manual_seed(0)
@@ -192,7 +228,10 @@ def memory(args) -> dict:
         start = time.perf_counter()
         with PeakRSS() as peak:
             step(kind)
-        results[kind] = {"peak_gib_above_baseline": round(peak.delta_gib, 3), "seconds": round(time.perf_counter() - start, 2)}
+        results[kind] = {
+            "peak_gib_above_baseline": round(peak.delta_gib, 3),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         gc.collect()
     results["max_rss_gib_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return results

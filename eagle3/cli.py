@@ -1,8 +1,8 @@
 """The ``eagle3`` console command: small tools around a draft.
 
-    eagle3 check DRAFT_DIR --target TARGET      strict vLLM contract check (exit 1 on problems)
-    eagle3 new-draft --target TARGET --output DIR [--target-layers 1,3,4] [--draft-arch qwen3|llama]
-    eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
+eagle3 check DRAFT_DIR --target TARGET      strict vLLM contract check (exit 1 on problems)
+eagle3 new-draft --target TARGET --output DIR [--target-layers 1,3,4] [--draft-arch qwen3|llama]
+eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
 """
 
 from __future__ import annotations

@@ -61,16 +61,16 @@ def default_target_layers(num_target_layers: int) -> list[int]:
     return [layer for layer in layers if 0 <= layer < num_target_layers]
 
 
-def validate_target_layers(
-    layers: Sequence[int], num_target_layers: int, flag: str = "--layers"
-) -> list[int]:
+def validate_target_layers(layers: Sequence[int], num_target_layers: int, flag: str = "--layers") -> list[int]:
     """Check command-line layer numbers against the target; return them sorted ascending.
 
     vLLM concatenates aux states in ascending id order, so we always store them that way.
     """
     layers = [int(layer) for layer in layers]
     if not layers:
-        raise Eagle3ConfigError(f"{flag}: give at least one layer (e.g. 1,{num_target_layers // 2},{num_target_layers - 4}).")
+        raise Eagle3ConfigError(
+            f"{flag}: give at least one layer (e.g. 1,{num_target_layers // 2},{num_target_layers - 4})."
+        )
     out_of_range = [layer for layer in layers if not 0 <= layer < num_target_layers]
     if out_of_range:
         raise Eagle3ConfigError(
@@ -178,7 +178,9 @@ class Eagle3Qwen3Config(Qwen3Config):
         if self.target_layers is not None and self.target_num_hidden_layers is not None:
             validate_target_layers(self.target_layers, self.target_num_hidden_layers, flag="target_layers")
             if list(self.target_layers) != sorted(self.target_layers):
-                raise Eagle3ConfigError(f"target_layers {self.target_layers} must be ascending (vLLM concatenates in id order).")
+                raise Eagle3ConfigError(
+                    f"target_layers {self.target_layers} must be ascending (vLLM concatenates in id order)."
+                )
 
     @classmethod
     def from_target_config(

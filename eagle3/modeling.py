@@ -225,9 +225,7 @@ class Eagle3Qwen3ForCausalLM(PreTrainedModel):
         self.midlayer = Eagle3DecoderLayer(config, 0)
         # Extra layers are named layers.1, layers.2, ... which is what vLLM's mapper expects
         # (it renames midlayer. to layers.0.).
-        self.layers = nn.ModuleDict(
-            {str(i): Eagle3DecoderLayer(config, i) for i in range(1, config.num_hidden_layers)}
-        )
+        self.layers = nn.ModuleDict({str(i): Eagle3DecoderLayer(config, i) for i in range(1, config.num_hidden_layers)})
         self.norm = Qwen3RMSNorm(hidden, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = Qwen3RotaryEmbedding(config)

@@ -49,8 +49,17 @@ def load_target_config(model: str | Path) -> PretrainedConfig:
 
 def config_hash(config: PretrainedConfig) -> str:
     """Hash of what decides the target's hidden states (sizes, layers, rope, vocab)."""
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_parameters")
+    keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "rms_norm_eps",
+        "rope_parameters",
+    )
     data = {key: getattr(config, key, None) for key in keys}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -88,8 +88,15 @@ def _no_aux_ids(config):
         (None, _short_context, "max_position_embeddings = 512"),
         (None, _no_aux_ids, "eagle_aux_hidden_state_layer_ids is missing"),
     ],
-    ids=["renamed-tensor", "missing-qk-norm", "missing-d2t", "unsorted-d2t", "aux-out-of-range",
-         "short-max-positions", "no-aux-ids"],
+    ids=[
+        "renamed-tensor",
+        "missing-qk-norm",
+        "missing-d2t",
+        "unsorted-d2t",
+        "aux-out-of-range",
+        "short-max-positions",
+        "no-aux-ids",
+    ],
 )
 def test_each_silent_failure_is_caught(good_draft, random_target, tmp_path, edit_tensors, edit_config, message):
     path = broken_copy(good_draft, tmp_path, edit_tensors, edit_config)
@@ -121,11 +128,17 @@ def test_embed_tokens_must_equal_targets(good_draft, random_target, tmp_path):
 
 
 def test_console_script_exit_codes(good_draft, random_target, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "eagle3.cli", "check", str(good_draft), "--target", str(random_target)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "eagle3.cli", "check", str(good_draft), "--target", str(random_target)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "OK:" in ok.stdout
     path = broken_copy(good_draft, tmp_path, _drop_qk_norm)
-    bad = subprocess.run([sys.executable, "-m", "eagle3.cli", "check", str(path), "--target", str(random_target)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "eagle3.cli", "check", str(path), "--target", str(random_target)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1
     assert "q_norm" in bad.stdout and "fix:" in bad.stdout

@@ -43,12 +43,39 @@ def drafts(trained_target, tmp_path_factory):
     data_dir = cached_store(trained_target)
     paths = {}
     for name, extra in SHAPES.items():
-        train(parse_train_args([
-            "--data-dir", str(data_dir), "--output-dir", str(root / name), "--base-model", str(trained_target),
-            "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--eval-ratio", "0.15", "--ttt-steps", "4",
-            "--draft-vocab-size", "256", "--report_to", "none", "--disable_tqdm", "true",
-            "--dataloader_num_workers", "0", "--save_total_limit", "1", *extra,
-        ]))
+        train(
+            parse_train_args(
+                [
+                    "--data-dir",
+                    str(data_dir),
+                    "--output-dir",
+                    str(root / name),
+                    "--base-model",
+                    str(trained_target),
+                    "--epochs",
+                    "3",
+                    "--batch-size",
+                    "8",
+                    "--lr",
+                    "3e-3",
+                    "--eval-ratio",
+                    "0.15",
+                    "--ttt-steps",
+                    "4",
+                    "--draft-vocab-size",
+                    "256",
+                    "--report_to",
+                    "none",
+                    "--disable_tqdm",
+                    "true",
+                    "--dataloader_num_workers",
+                    "0",
+                    "--save_total_limit",
+                    "1",
+                    *extra,
+                ]
+            )
+        )
         paths[name] = root / name / "best_model"
     paths["untrained"] = new_draft(trained_target, root / "untrained")
     prompts = write_jsonl(root / "heldout.jsonl", synthetic_conversations(12, seed=4242))
@@ -56,10 +83,24 @@ def drafts(trained_target, tmp_path_factory):
 
 
 def _hf(target, draft, prompts, root, name):
-    return evaluate(parse_args([
-        "--model", str(target), "--draft", str(draft), "--dataset", str(prompts), "-k", str(K),
-        "--max-new-tokens", "48", "--output", str(root / f"{name}.json"),
-    ]))
+    return evaluate(
+        parse_args(
+            [
+                "--model",
+                str(target),
+                "--draft",
+                str(draft),
+                "--dataset",
+                str(prompts),
+                "-k",
+                str(K),
+                "--max-new-tokens",
+                "48",
+                "--output",
+                str(root / f"{name}.json"),
+            ]
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +114,34 @@ def vllm_runs(trained_target, drafts):
     from eagle3.evaluate.run import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(trained_target)
-    args = parse_args(["--model", str(trained_target), "--draft", str(drafts["trained"]),
-                       "--dataset", str(drafts["prompts"])])
+    args = parse_args(
+        ["--model", str(trained_target), "--draft", str(drafts["trained"]), "--dataset", str(drafts["prompts"])]
+    )
     prompt_ids = load_prompts(args, tokenizer)
     root = drafts["root"]
     (root / "prompt_ids.json").write_text(json.dumps(prompt_ids))
     result = subprocess.run(
-        [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(trained_target),
-         *[arg for name in DRAFTS for arg in ("--draft", str(drafts[name]))],
-         "--num-speculative-tokens", str(K), "--max-tokens", "48", "--temperature", "0",
-         "--prompts", str(root / "prompt_ids.json"), "--json", str(root / "vllm.json")],
-        capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "eagle3.evaluate.vllm_bench",
+            "--model",
+            str(trained_target),
+            *[arg for name in DRAFTS for arg in ("--draft", str(drafts[name]))],
+            "--num-speculative-tokens",
+            str(K),
+            "--max-tokens",
+            "48",
+            "--temperature",
+            "0",
+            "--prompts",
+            str(root / "prompt_ids.json"),
+            "--json",
+            str(root / "vllm.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     runs = json.loads((root / "vllm.json").read_text())["drafts"]

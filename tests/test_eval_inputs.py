@@ -32,7 +32,9 @@ def fresh_draft(random_target, tmp_path_factory):
 
 
 def test_missing_draft(random_target, prompts_file, tmp_path):
-    args = parse_args(["--model", str(random_target), "--draft", str(tmp_path / "nope"), "--dataset", str(prompts_file)])
+    args = parse_args(
+        ["--model", str(random_target), "--draft", str(tmp_path / "nope"), "--dataset", str(prompts_file)]
+    )
     with pytest.raises(EvalInputError, match="no draft there"):
         evaluate(args)
 
@@ -55,17 +57,40 @@ def test_empty_prompt_file(random_target, fresh_draft, tmp_path):
 
 def test_cli_reports_errors_with_exit_code(random_target, prompts_file, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "run_eval.py"), "--model", str(random_target), "--draft",
-         str(tmp_path / "missing"), "--dataset", str(prompts_file)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "run_eval.py"),
+            "--model",
+            str(random_target),
+            "--draft",
+            str(tmp_path / "missing"),
+            "--dataset",
+            str(prompts_file),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert "--draft" in result.stderr and "config.json missing" in result.stderr
 
 
 def test_hf_report_files(random_target, fresh_draft, prompts_file, tmp_path):
-    args = parse_args(["--model", str(random_target), "--draft", str(fresh_draft), "--dataset", str(prompts_file),
-                       "--max-new-tokens", "12", "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    args = parse_args(
+        [
+            "--model",
+            str(random_target),
+            "--draft",
+            str(fresh_draft),
+            "--dataset",
+            str(prompts_file),
+            "--max-new-tokens",
+            "12",
+            "--output",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ]
+    )
     report = evaluate(args)
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["rounds"] == report.rounds > 0

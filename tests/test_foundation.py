@@ -38,8 +38,17 @@ def make_draft(target_config, **kwargs) -> Eagle3Qwen3ForCausalLM:
 # --------------------------------------------------------------------------- config
 def test_config_copies_target_and_converts_layers(target_config):
     config = Eagle3Qwen3Config.from_target_config(target_config, target_layers=[6, 0, 3], draft_vocab_size=500)
-    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                "vocab_size", "eos_token_id", "bos_token_id", "rms_norm_eps"):
+    for key in (
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "vocab_size",
+        "eos_token_id",
+        "bos_token_id",
+        "rms_norm_eps",
+    ):
         assert getattr(config, key) == getattr(target_config, key), key
     assert config.rope_parameters == target_config.rope_parameters
     assert config.num_hidden_layers == 1
@@ -106,8 +115,9 @@ def test_round_trip_is_bit_exact(target_config, tmp_path, kwargs):
     aux = torch.randn(2, 9, model.config.num_aux_layers * model.config.target_hidden_size)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
-        assert torch.equal(model(input_ids=ids, aux_hidden_states=aux).logits,
-                           loaded(input_ids=ids, aux_hidden_states=aux).logits)
+        assert torch.equal(
+            model(input_ids=ids, aux_hidden_states=aux).logits, loaded(input_ids=ids, aux_hidden_states=aux).logits
+        )
 
     # The file holds exactly what vLLM's loader fills: no embedding, no 'model.' prefix.
     with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
@@ -146,7 +156,7 @@ def _dense_reference(q, keys, values, scale):
     mask = torch.zeros(length, steps * length, dtype=torch.bool)
     mask[:, :length] = torch.ones(length, length, dtype=torch.bool).tril()
     for n in range(1, steps):
-        mask[:, n * length:(n + 1) * length] = torch.eye(length, dtype=torch.bool)
+        mask[:, n * length : (n + 1) * length] = torch.eye(length, dtype=torch.bool)
     return torch.nn.functional.scaled_dot_product_attention(q, all_k, all_v, attn_mask=mask, scale=scale)
 
 
@@ -168,8 +178,10 @@ def test_incremental_decoding_equals_full_forward(target_config):
         full = model(input_ids=ids, aux_hidden_states=aux).logits
         cache = model.new_cache()
         first = model(input_ids=ids[:, :4], aux_hidden_states=aux[:, :4], cache=cache).logits
-        rest = [model(input_ids=ids[:, t:t + 1], aux_hidden_states=aux[:, t:t + 1], cache=cache).logits
-                for t in range(4, 6)]
+        rest = [
+            model(input_ids=ids[:, t : t + 1], aux_hidden_states=aux[:, t : t + 1], cache=cache).logits
+            for t in range(4, 6)
+        ]
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
     assert isinstance(cache, Eagle3Cache) and cache.seq_length() == 6
 

@@ -12,9 +12,18 @@ H, V, VD, T = 64, 96, 48, 12
 
 
 def _draft(steps=3):
-    config = Eagle3Qwen3Config(hidden_size=H, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                               intermediate_size=96, vocab_size=V, draft_vocab_size=VD, target_layers=[0, 1, 2],
-                               num_hidden_layers=1, target_hidden_size=H)
+    config = Eagle3Qwen3Config(
+        hidden_size=H,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=96,
+        vocab_size=V,
+        draft_vocab_size=VD,
+        target_layers=[0, 1, 2],
+        num_hidden_layers=1,
+        target_hidden_size=H,
+    )
     torch.manual_seed(0)
     draft = Eagle3DraftForTraining(config)
     draft.set_draft_vocab(torch.arange(0, 2 * VD, 2))
@@ -45,7 +54,7 @@ def test_chunked_full_argmax_and_draft_vocab_mask():
     target = projector(batch["last"], batch["mask"])
     full = projector.normed(batch["last"]) @ head.lm_head.T
     assert torch.equal(projector.full_argmax(projector.normed(batch["last"]).flatten(0, 1)), full.argmax(-1).flatten())
-    in_vocab = (full.argmax(-1) % 2 == 0)
+    in_vocab = full.argmax(-1) % 2 == 0
     expected_valid = in_vocab.clone()
     expected_valid[:, -1] = False  # nothing follows the last token
     assert torch.equal(target.valid, expected_valid)

@@ -26,8 +26,20 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from train_data import cached_store, wandb_offline_records
 
-FAST = ["--report_to", "none", "--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "4",
-        "--dataloader_num_workers", "0", "--logging_steps", "5"]
+FAST = [
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--draft-vocab-size",
+    "256",
+    "--ttt-steps",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+    "--logging_steps",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +68,36 @@ def trained_run(data_dir, trained_target, tmp_path_factory):
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
 
     argv = [
-        "--data-dir", str(data_dir), "--output-dir", str(output_dir), "--base-model", str(trained_target),
-        "--epochs", "3", "--batch-size", "8", "--lr", "3e-3", "--eval-ratio", "0.15", "--eval_on_start", "true",
-        *FAST, "--report_to", "wandb", "--run_name", "tiny-test",
-        "--push_to_hub", "--hub_model_id", "someone/eagle3-tiny",
+        "--data-dir",
+        str(data_dir),
+        "--output-dir",
+        str(output_dir),
+        "--base-model",
+        str(trained_target),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--eval-ratio",
+        "0.15",
+        "--eval_on_start",
+        "true",
+        *FAST,
+        "--report_to",
+        "wandb",
+        "--run_name",
+        "tiny-test",
+        "--push_to_hub",
+        "--hub_model_id",
+        "someone/eagle3-tiny",
     ]
-    with mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}), \
-            mock.patch.object(HfApi, "create_repo", create_repo), \
-            mock.patch.object(HfApi, "create_commit", create_commit):
+    with (
+        mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}),
+        mock.patch.object(HfApi, "create_repo", create_repo),
+        mock.patch.object(HfApi, "create_commit", create_commit),
+    ):
         metrics = train(parse_args(argv))
         import wandb
 
@@ -76,8 +110,10 @@ def test_training_raises_eval_acceptance_over_the_untrained_draft(trained_run):
     untrained = history[0]  # --eval_on_start: the draft before any update
     assert untrained["step"] == 0
     trained = trained_run.metrics
-    print(f"accept_len untrained {untrained['eval_accept_len']:.3f} -> trained {trained['eval_accept_len']:.3f}; "
-          f"product {untrained['eval_accept_len_product']:.3f} -> {trained['eval_accept_len_product']:.3f}")
+    print(
+        f"accept_len untrained {untrained['eval_accept_len']:.3f} -> trained {trained['eval_accept_len']:.3f}; "
+        f"product {untrained['eval_accept_len_product']:.3f} -> {trained['eval_accept_len_product']:.3f}"
+    )
     assert untrained["eval_accept_len"] < 1.2
     assert trained["eval_accept_len"] > untrained["eval_accept_len"] + 0.5
     assert trained["eval_acc_0"] > 0.5
@@ -112,19 +148,37 @@ def test_wandb_offline_run_holds_per_step_acceptance(trained_run):
             logged |= {item.key or "/".join(item.nested_key) for item in record.history.item}
         elif kind == "config":
             config |= {item.key or "/".join(item.nested_key) for item in record.config.update}
-    for key in ("train/acc_0", "train/acc_3", "train/cum_acc_3", "train/accept_len", "train/accept_len_product",
-                "train/loss_0", "train/padding_fraction", "eval/acc_0", "eval/accept_len"):
+    for key in (
+        "train/acc_0",
+        "train/acc_3",
+        "train/cum_acc_3",
+        "train/accept_len",
+        "train/accept_len_product",
+        "train/loss_0",
+        "train/padding_fraction",
+        "eval/acc_0",
+        "eval/accept_len",
+    ):
         assert key in logged, sorted(logged)
     assert {"ttt_steps", "ttt_decay", "draft_vocab_size", "data"} <= config  # the run config and data stats
 
 
 def test_model_card_and_hub_upload(trained_run):
     card = (trained_run.output_dir / "best_model" / "README.md").read_text()
-    for expected in ("eagle3", "[1, 3, 4]", "[2, 4, 5]", "256 of 768", "num_train_samples", "accept_len",
-                     '"method": "eagle3"', "someone/eagle3-tiny", str(trained_run.target)):
+    for expected in (
+        "eagle3",
+        "[1, 3, 4]",
+        "[2, 4, 5]",
+        "256 of 768",
+        "num_train_samples",
+        "accept_len",
+        '"method": "eagle3"',
+        "someone/eagle3-tiny",
+        str(trained_run.target),
+    ):
         assert expected in card, expected
     assert [repo for repo, _ in trained_run.hub_calls["create_repo"]] == ["someone/eagle3-tiny"]
-    (repo_id, files, _), = trained_run.hub_calls["create_commit"]
+    ((repo_id, files, _),) = trained_run.hub_calls["create_commit"]
     assert repo_id == "someone/eagle3-tiny"
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
     assert not any(name.startswith("checkpoint-") or name.endswith(".bin") for name in files)
@@ -143,9 +197,32 @@ class _StopAt(TrainerCallback):
 def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path):
     # 117 train samples / batch 16 = 8 steps per epoch: the interruption is in epoch 0, the run ends in epoch 1.
     def args(out, *extra):
-        return parse_args(["--data-dir", str(data_dir), "--output-dir", str(out), "--base-model", str(trained_target),
-                           "--max_steps", "11", "--batch-size", "16", "--lr", "3e-3", "--eval-ratio", "0.15",
-                           "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "100", *FAST, *extra])
+        return parse_args(
+            [
+                "--data-dir",
+                str(data_dir),
+                "--output-dir",
+                str(out),
+                "--base-model",
+                str(trained_target),
+                "--max_steps",
+                "11",
+                "--batch-size",
+                "16",
+                "--lr",
+                "3e-3",
+                "--eval-ratio",
+                "0.15",
+                "--eval_strategy",
+                "no",
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                "100",
+                *FAST,
+                *extra,
+            ]
+        )
 
     train(args(tmp_path / "straight"))
     train(args(tmp_path / "interrupted"), callbacks=[_StopAt(5)])
@@ -180,11 +257,22 @@ def _rewritten_manifest(data_dir: Path, tmp_path: Path, **changes) -> Path:
         ({}, ["--target-layers", "1,3,9"], ["--target-layers", "out of range", "0..7"]),
     ],
 )
-def test_mismatches_stop_before_any_work_with_a_clear_message(data_dir, trained_target, tmp_path, capsys,
-                                                              change, flags, expected):
+def test_mismatches_stop_before_any_work_with_a_clear_message(
+    data_dir, trained_target, tmp_path, capsys, change, flags, expected
+):
     directory = _rewritten_manifest(data_dir, tmp_path, **change) if change else data_dir
-    code = run_train_main(["--data-dir", str(directory), "--output-dir", str(tmp_path / "out"),
-                           "--base-model", str(trained_target), *FAST, *flags])
+    code = run_train_main(
+        [
+            "--data-dir",
+            str(directory),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--base-model",
+            str(trained_target),
+            *FAST,
+            *flags,
+        ]
+    )
     message = capsys.readouterr().err
     assert code == 2
     for text in expected:
@@ -193,14 +281,18 @@ def test_mismatches_stop_before_any_work_with_a_clear_message(data_dir, trained_
 
 
 def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):
-    args = parse_args("--data-dir d --filter-rank 0 --no-deduplicate --output-dir o --base-model m "
-                      "--target-layers 0,13,27 --num-draft-layers 2 --epochs 10 --batch-size 64 "
-                      "--gradient-accumulation-steps 4 --lr 1e-4 --report_to none".split())
+    args = parse_args(
+        "--data-dir d --filter-rank 0 --no-deduplicate --output-dir o --base-model m "
+        "--target-layers 0,13,27 --num-draft-layers 2 --epochs 10 --batch-size 64 "
+        "--gradient-accumulation-steps 4 --lr 1e-4 --report_to none".split()
+    )
     assert (args.data_dir, args.filter_ranks, args.deduplicate, args.output_dir) == ("d", [0], False, "o")
     assert (args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (10, 64, 4)
     assert (args.learning_rate, args.num_draft_layers, args.target_layers) == (1e-4, 2, "0,13,27")
-    same = parse_args("--data_dir d --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 1e-4 "
-                      "--report_to none".split())
+    same = parse_args(
+        "--data_dir d --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 1e-4 "
+        "--report_to none".split()
+    )
     assert (same.num_train_epochs, same.per_device_train_batch_size, same.learning_rate) == (10, 64, 1e-4)
     (tmp_path / "train.yaml").write_text("data_dir: d\nnum_train_epochs: 2\nttt_steps: 5\nreport_to: none\n")
     from_file = parse_args([str(tmp_path / "train.yaml")])
@@ -215,15 +307,34 @@ def test_best_model_loads_and_speculates_in_vllm(trained_run, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained_run.target)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             enable_thinking=False, tokenize=False)
-               for q in ("Count from 3 to 10.", "Spell the word tiger.", "What is 4 plus 5?")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, enable_thinking=False, tokenize=False
+        )
+        for q in ("Count from 3 to 10.", "Spell the word tiger.", "What is 4 plus 5?")
+    ]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     result = subprocess.run(
-        [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(trained_run.target),
-         "--draft", str(trained_run.output_dir / "best_model"), "--num-speculative-tokens", "3",
-         "--max-tokens", "32", "--prompts", str(tmp_path / "prompts.json"), "--json", str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "eagle3.evaluate.vllm_bench",
+            "--model",
+            str(trained_run.target),
+            "--draft",
+            str(trained_run.output_dir / "best_model"),
+            "--num-speculative-tokens",
+            "3",
+            "--max-tokens",
+            "32",
+            "--prompts",
+            str(tmp_path / "prompts.json"),
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     (run,) = json.loads((tmp_path / "out.json").read_text())["drafts"].values()

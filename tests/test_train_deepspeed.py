@@ -33,17 +33,49 @@ def runs(trained_target, tmp_path_factory) -> dict[str, Path]:
 def _launch(stage: str, trained_target: Path, output_dir: Path) -> Path:
     data_dir = cached_store(trained_target)
     command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch",
-        "--config_file", str(REPO / "accelerate_configs" / f"deepspeed_{stage}.yaml"), "--num_processes", "2",
-        "--main_process_port", str(29500 + os.getpid() % 1000 + (stage == "zero3")),
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / f"deepspeed_{stage}.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000 + (stage == "zero3")),
         str(REPO / "run_train.py"),
-        "--data-dir", str(data_dir), "--base-model", str(trained_target), "--output-dir", str(output_dir),
-        "--max_steps", "4", "--batch-size", "4", "--lr", "3e-3", "--eval-ratio", "0.15",
-        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
-        "--draft-vocab-size", "256", "--ttt-steps", "3", "--report_to", "none", "--disable_tqdm", "true",
+        "--data-dir",
+        str(data_dir),
+        "--base-model",
+        str(trained_target),
+        "--output-dir",
+        str(output_dir),
+        "--max_steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-ratio",
+        "0.15",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--draft-vocab-size",
+        "256",
+        "--ttt-steps",
+        "3",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
     ]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=500, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     return output_dir
 
@@ -67,16 +99,35 @@ def test_deepspeed_best_models_load_and_speculate_in_vllm(runs, trained_target, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(trained_target)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             enable_thinking=False, tokenize=False)
-               for q in ("Count from 3 to 10.", "What is 4 plus 5?")]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, enable_thinking=False, tokenize=False
+        )
+        for q in ("Count from 3 to 10.", "What is 4 plus 5?")
+    ]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     drafts = [str(runs[stage] / "best_model") for stage in STAGES]
     result = subprocess.run(
-        [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(trained_target), "--baseline",
-         *[arg for draft in drafts for arg in ("--draft", draft)], "--num-speculative-tokens", "3",
-         "--max-tokens", "24", "--prompts", str(tmp_path / "prompts.json"), "--json", str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "eagle3.evaluate.vllm_bench",
+            "--model",
+            str(trained_target),
+            "--baseline",
+            *[arg for draft in drafts for arg in ("--draft", draft)],
+            "--num-speculative-tokens",
+            "3",
+            "--max-tokens",
+            "24",
+            "--prompts",
+            str(tmp_path / "prompts.json"),
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads((tmp_path / "out.json").read_text())

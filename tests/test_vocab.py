@@ -29,9 +29,17 @@ def test_fill_with_lowest_unused_ids_when_too_few_distinct_tokens():
 def test_capped_at_target_vocab_and_full_vocab_is_identity_without_d2t():
     counts = torch.ones(16, dtype=torch.long)
     assert select_draft_vocab(counts, 32000).tolist() == list(range(16))
-    config = Eagle3Qwen3Config(hidden_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=64,
-                               intermediate_size=96, vocab_size=16, draft_vocab_size=16, target_layers=[0, 1, 2],
-                               num_hidden_layers=1)
+    config = Eagle3Qwen3Config(
+        hidden_size=64,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=96,
+        vocab_size=16,
+        draft_vocab_size=16,
+        target_layers=[0, 1, 2],
+        num_hidden_layers=1,
+    )
     assert Eagle3Qwen3ForCausalLM(config).d2t is None  # vLLM rejects d2t when the vocab is not reduced
 
 

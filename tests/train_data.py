@@ -25,8 +25,9 @@ def _regenerate(model, tokenizer, conversations: list[dict], max_new_tokens: int
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
         prompts = [
-            tokenizer.apply_chat_template(c["messages"][:1], add_generation_prompt=True, enable_thinking=False,
-                                          tokenize=False)
+            tokenizer.apply_chat_template(
+                c["messages"][:1], add_generation_prompt=True, enable_thinking=False, tokenize=False
+            )
             for c in chunk
         ]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -80,8 +81,15 @@ def build_store(
         aux = torch.cat([out.hidden_states[layer + 1][0] for layer in layers], dim=-1)
         loss_mask = torch.zeros(len(ids), dtype=torch.bool)
         loss_mask[len(prompt_ids) :] = True
-        writer.add(Sample(input_ids=ids, loss_mask=loss_mask, aux_hidden_states=aux,
-                          last_hidden_states=captured["last"][0], key=key))
+        writer.add(
+            Sample(
+                input_ids=ids,
+                loss_mask=loss_mask,
+                aux_hidden_states=aux,
+                last_hidden_states=captured["last"][0],
+                key=key,
+            )
+        )
     writer.close()
     hook.remove()
     return output_dir

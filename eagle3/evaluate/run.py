@@ -48,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="target model folder or Hub id")
     parser.add_argument("--draft", required=True, help="draft folder (e.g. OUTPUT/best_model)")
-    parser.add_argument("--dataset", required=True, nargs="+", help="prompts: JSONL files (ShareGPT, OpenAI or "
-                        "{'prompt': ...}) or a Hugging Face dataset; each conversation up to its first answer")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        nargs="+",
+        help="prompts: JSONL files (ShareGPT, OpenAI or "
+        "{'prompt': ...}) or a Hugging Face dataset; each conversation up to its first answer",
+    )
     parser.add_argument("--dataset-split", default="train")
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     parser.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
@@ -129,9 +134,17 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     draft.load_target_embeddings(target.get_input_embeddings().weight)
     decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed)
     report = AcceptanceReport(
-        backend="hf", model=args.model, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
-        temperature=args.temperature, num_prompts=len(prompts), rounds=0, accepted_tokens=0,
-        accepted_per_position=[0] * args.num_speculative_tokens, generated_tokens=0, seconds_speculative=0.0,
+        backend="hf",
+        model=args.model,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
+        temperature=args.temperature,
+        num_prompts=len(prompts),
+        rounds=0,
+        accepted_tokens=0,
+        accepted_per_position=[0] * args.num_speculative_tokens,
+        generated_tokens=0,
+        seconds_speculative=0.0,
         seconds_baseline=None if args.no_baseline else 0.0,
         lossless=None if args.no_baseline or args.temperature > 0 else True,
     )
@@ -139,8 +152,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         result = decoder.generate(prompt, args.max_new_tokens)
         report.rounds += result.rounds
         report.accepted_tokens += result.accepted
-        report.accepted_per_position = [a + b for a, b in zip(report.accepted_per_position,
-                                                              result.accepted_per_position, strict=True)]
+        report.accepted_per_position = [
+            a + b for a, b in zip(report.accepted_per_position, result.accepted_per_position, strict=True)
+        ]
         report.generated_tokens += len(result.output_ids)
         report.seconds_speculative += result.seconds
         if not args.no_baseline:
@@ -155,17 +169,31 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
 def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     from eagle3.evaluate.vllm_bench import run_vllm
 
-    common = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                  max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8)
-    speculative = run_vllm(args.model, prompts, draft=args.draft,
-                           num_speculative_tokens=args.num_speculative_tokens, **common)
+    common = dict(
+        max_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8,
+    )
+    speculative = run_vllm(
+        args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
+    )
     baseline = None if args.no_baseline else run_vllm(args.model, prompts, **common)
-    per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[: args.num_speculative_tokens]
+    per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[
+        : args.num_speculative_tokens
+    ]
     return AcceptanceReport(
-        backend="vllm", model=args.model, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
-        temperature=args.temperature, num_prompts=len(prompts), rounds=speculative.num_drafts,
-        accepted_tokens=speculative.num_accepted_tokens, accepted_per_position=per_position,
-        generated_tokens=speculative.generated_tokens, seconds_speculative=speculative.seconds,
+        backend="vllm",
+        model=args.model,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
+        temperature=args.temperature,
+        num_prompts=len(prompts),
+        rounds=speculative.num_drafts,
+        accepted_tokens=speculative.num_accepted_tokens,
+        accepted_per_position=per_position,
+        generated_tokens=speculative.generated_tokens,
+        seconds_speculative=speculative.seconds,
         seconds_baseline=baseline.seconds if baseline else None,
         lossless=(baseline.token_ids == speculative.token_ids) if baseline and args.temperature == 0 else None,
     )

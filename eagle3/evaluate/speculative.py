@@ -106,9 +106,7 @@ class SpeculativeDecoder:
         full[self.draft_to_target] = _probabilities(draft_logits, self.temperature)
         return full
 
-    def _propose(
-        self, hidden: torch.Tensor, token: int, position: int, cache, count: int
-    ) -> tuple[list[int], list]:
+    def _propose(self, hidden: torch.Tensor, token: int, position: int, cache, count: int) -> tuple[list[int], list]:
         """``count`` more draft tokens (target ids) and, above temperature 0, their distributions."""
         tokens, distributions = [], []
         for step in range(count):

@@ -36,7 +36,11 @@ class VllmRun:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "acceptance_length": self.acceptance_length, "tokens_per_second": self.tokens_per_second}
+        return {
+            **asdict(self),
+            "acceptance_length": self.acceptance_length,
+            "tokens_per_second": self.tokens_per_second,
+        }
 
 
 def _spec_decode_counters(metrics) -> dict:

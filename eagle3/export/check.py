@@ -193,9 +193,7 @@ def _check_config(config: dict, target, problems: list[Problem]) -> str:
     return arch
 
 
-def _check_tensors(
-    config: dict, arch: str, files: list[Path], target_dir: str | Path, problems: list[Problem]
-) -> None:
+def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str | Path, problems: list[Problem]) -> None:
     tensors: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
     for path in files:
         with safe_open(path, framework="pt") as handle:
@@ -229,7 +227,9 @@ def _check_tensors(
         problems.append(Problem(f"unexpected tensor {name}: vLLM ignores or misloads it", fix))
     float_dtypes = {tensors[name][2] for name in expected if name in tensors and name != "d2t"}
     if len(float_dtypes) > 1 or not float_dtypes <= FLOAT_DTYPES:
-        problems.append(Problem(f"weights mix dtypes {sorted(map(str, float_dtypes))}", "save all weights in one float dtype"))
+        problems.append(
+            Problem(f"weights mix dtypes {sorted(map(str, float_dtypes))}", "save all weights in one float dtype")
+        )
     if "d2t" in tensors:
         _check_vocab_map(tensors, config, problems)
     if "embed_tokens.weight" in tensors:
@@ -237,7 +237,11 @@ def _check_tensors(
         with safe_open(path, framework="pt") as handle:
             embed = handle.get_tensor("embed_tokens.weight")
         target_embed = read_target_tensors(target_dir, [EMBED]).get(EMBED)
-        if target_embed is None or embed.shape != target_embed.shape or not torch.equal(embed, target_embed.to(embed.dtype)):
+        if (
+            target_embed is None
+            or embed.shape != target_embed.shape
+            or not torch.equal(embed, target_embed.to(embed.dtype))
+        ):
             problems.append(
                 Problem(
                     "embed_tokens.weight differs from the target's embedding: vLLM would use the draft's copy",
@@ -263,7 +267,9 @@ def _check_vocab_map(tensors: dict, config: dict, problems: list[Problem]) -> No
     target_ids = torch.arange(len(d2t)) + d2t.long()
     vocab = config["vocab_size"]
     if len(target_ids) and (target_ids.min() < 0 or target_ids.max() >= vocab):
-        problems.append(Problem(f"d2t maps draft ids outside the target vocab 0..{vocab - 1}", "rebuild d2t from the draft vocab"))
+        problems.append(
+            Problem(f"d2t maps draft ids outside the target vocab 0..{vocab - 1}", "rebuild d2t from the draft vocab")
+        )
     elif len(target_ids) > 1 and not bool((target_ids[1:] > target_ids[:-1]).all()):
         problems.append(
             Problem(
@@ -281,7 +287,9 @@ def _check_vocab_map(tensors: dict, config: dict, problems: list[Problem]) -> No
         )
     if t2d is not None:
         if t2d.dtype != torch.bool or t2d.numel() != vocab:
-            problems.append(Problem(f"t2d must be bool [{vocab}], got {t2d.dtype} {list(t2d.shape)}", "rebuild t2d from d2t"))
+            problems.append(
+                Problem(f"t2d must be bool [{vocab}], got {t2d.dtype} {list(t2d.shape)}", "rebuild t2d from d2t")
+            )
         else:
             expected = torch.zeros(vocab, dtype=torch.bool)
             valid = target_ids[(target_ids >= 0) & (target_ids < vocab)]
@@ -295,7 +303,9 @@ def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
     draft_dir = Path(draft_dir)
     config_path = draft_dir / "config.json"
     if not config_path.exists():
-        return [Problem(f"{config_path} not found", "pass the folder written by save_pretrained (e.g. output/best_model)")]
+        return [
+            Problem(f"{config_path} not found", "pass the folder written by save_pretrained (e.g. output/best_model)")
+        ]
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:

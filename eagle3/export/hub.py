@@ -129,7 +129,11 @@ def push_draft(
     if revision:
         api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
     # Exactly the files vLLM and the Hub page need; never optimizer states or checkpoints.
-    files = sorted(p for p in draft_dir.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "README.md"))
+    files = sorted(
+        p
+        for p in draft_dir.iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "README.md")
+    )
     commit = api.create_commit(
         repo_id=repo_url.repo_id,
         operations=[CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files],

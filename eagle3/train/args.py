@@ -21,34 +21,49 @@ from transformers import HfArgumentParser, TrainingArguments
 @dataclass
 class Eagle3TrainingArguments(TrainingArguments):
     # --- data ---
-    data_dir: str | None = field(default=None, metadata={"help": "run_collect.py output directory (manifest.json + shards)."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "run_collect.py output directory (manifest.json + shards)."}
+    )
     filter_rank: str | None = field(
         default=None,
         metadata={"help": "Use only shards written by these collector ranks, e.g. 0 or 0,1 (default: all)."},
     )
     deduplicate: bool = field(
-        default=True, metadata={"help": "Drop samples whose token ids repeat an earlier one (--no-deduplicate to keep them)."}
+        default=True,
+        metadata={"help": "Drop samples whose token ids repeat an earlier one (--no-deduplicate to keep them)."},
     )
     eval_ratio: float = field(
-        default=0.05, metadata={"help": "Fraction of samples held out for evaluation (deterministic split, data_seed/seed)."}
+        default=0.05,
+        metadata={"help": "Fraction of samples held out for evaluation (deterministic split, data_seed/seed)."},
     )
     max_length: int = field(default=2048, metadata={"help": "Truncate samples to this many tokens."})
     # --- target and draft ---
     base_model: str | None = field(
         default=None,
-        metadata={"help": "Target model (local folder or Hub id); default: the one recorded in the data manifest.",
-                  "aliases": ["--target-model", "--target_model"]},
+        metadata={
+            "help": "Target model (local folder or Hub id); default: the one recorded in the data manifest.",
+            "aliases": ["--target-model", "--target_model"],
+        },
     )
     target_layers: str | None = field(
         default=None,
-        metadata={"help": "Aux layers as 0-based decoder layer outputs, e.g. 0,13,27. Optional: read from the "
-                  "manifest, and must match it when given."},
+        metadata={
+            "help": "Aux layers as 0-based decoder layer outputs, e.g. 0,13,27. Optional: read from the "
+            "manifest, and must match it when given."
+        },
     )
-    num_draft_layers: int = field(default=1, metadata={"help": "Decoder layers in the draft (1 is the EAGLE-3 default)."})
-    draft_vocab_size: int = field(default=32000, metadata={"help": "Draft lm_head size; capped at the target vocabulary."})
+    num_draft_layers: int = field(
+        default=1, metadata={"help": "Decoder layers in the draft (1 is the EAGLE-3 default)."}
+    )
+    draft_vocab_size: int = field(
+        default=32000, metadata={"help": "Draft lm_head size; capped at the target vocabulary."}
+    )
     draft_arch: str = field(
         default="qwen3",
-        metadata={"help": "qwen3 (vLLM >= 0.25, q/k norms) or llama (SGLang / older vLLM).", "choices": ["qwen3", "llama"]},
+        metadata={
+            "help": "qwen3 (vLLM >= 0.25, q/k norms) or llama (SGLang / older vLLM).",
+            "choices": ["qwen3", "llama"],
+        },
     )
     init_lm_head_from_target: bool = field(
         default=True, metadata={"help": "Start the draft lm_head from the target's lm_head rows of the draft vocab."}
@@ -58,12 +73,16 @@ class Eagle3TrainingArguments(TrainingArguments):
     ttt_decay: float = field(default=0.8, metadata={"help": "Loss weight of TTT step i is ttt_decay**i."})
     head_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute each step's lm_head + loss in backward instead of keeping [B, T, draft_vocab] "
-                  "activations (less memory, ~1 extra lm_head matmul per step)."},
+        metadata={
+            "help": "Recompute each step's lm_head + loss in backward instead of keeping [B, T, draft_vocab] "
+            "activations (less memory, ~1 extra lm_head matmul per step)."
+        },
     )
 
     # --- TrainingArguments fields re-declared for the recipe's aliases and this method's defaults ---
-    output_dir: str | None = field(default="eagle3_qwen3_model", metadata={"help": "Where checkpoints, best_model/ and final_model/ go."})
+    output_dir: str | None = field(
+        default="eagle3_qwen3_model", metadata={"help": "Where checkpoints, best_model/ and final_model/ go."}
+    )
     num_train_epochs: float = field(default=3.0, metadata={"help": "Total training epochs.", "aliases": ["--epochs"]})
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "Batch size per device for training.", "aliases": ["--batch-size", "--batch_size"]}
@@ -72,22 +91,28 @@ class Eagle3TrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=0.5, metadata={"help": "Gradient clipping norm."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=0.015, metadata={"help": "Warmup steps (int) or fraction of training (float < 1)."})
+    warmup_steps: float = field(
+        default=0.015, metadata={"help": "Warmup steps (int) or fraction of training (float < 1)."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate: no, steps or epoch."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to checkpoint: no, steps, epoch or best."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoint-* folders."})
     metric_for_best_model: str | None = field(
         default="accept_len",
-        metadata={"help": "Eval metric that picks best_model/: accept_len (consecutive-run estimator, tracks vLLM), "
-                  "or accept_len_product (1 + sum_k prod_i acc_i)."},
+        metadata={
+            "help": "Eval metric that picks best_model/: accept_len (consecutive-run estimator, tracks vLLM), "
+            "or accept_len_product (1 + sum_k prod_i acc_i)."
+        },
     )
     greater_is_better: bool | None = field(default=True, metadata={"help": "Higher metric_for_best_model is better."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all batch keys (the loss needs them)."})
     train_sampling_strategy: str = field(
         default="group_by_length",
-        metadata={"help": "group_by_length (default: little padding), random, sequential or batch_rebalance.",
-                  "choices": ["random", "sequential", "group_by_length", "batch_rebalance"]},
+        metadata={
+            "help": "group_by_length (default: little padding), random, sequential or batch_rebalance.",
+            "choices": ["random", "sequential", "group_by_length", "batch_rebalance"],
+        },
     )
 
     def __post_init__(self) -> None:

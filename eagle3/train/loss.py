@@ -41,8 +41,9 @@ class TargetBatch:
 class TargetProjector:
     """Frozen target norm + lm_head, kept out of the trained module (no grads, no DDP broadcast)."""
 
-    def __init__(self, head: TargetHead, draft_ids: torch.Tensor, device: torch.device | str = "cpu",
-                 vocab_chunk: int = 32768) -> None:
+    def __init__(
+        self, head: TargetHead, draft_ids: torch.Tensor, device: torch.device | str = "cpu", vocab_chunk: int = 32768
+    ) -> None:
         self.eps = float(head.config.rms_norm_eps)
         self.norm = head.norm.to(device)
         self.draft_ids = draft_ids.long().to(device)

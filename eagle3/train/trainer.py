@@ -41,7 +41,9 @@ class Eagle3Trainer(Trainer):
         self.data_stats = data_stats or {}
         # Per mode: TTT stats, then [real tokens, padded slots].
         size = stats_size(self.args.ttt_steps) + 2
-        self._stats = {mode: torch.zeros(size, dtype=torch.float64, device=self.args.device) for mode in ("train", "eval")}
+        self._stats = {
+            mode: torch.zeros(size, dtype=torch.float64, device=self.args.device) for mode in ("train", "eval")
+        }
         self.add_callback(BestModelCallback(self))
 
     # ------------------------------------------------------------------ data order
@@ -99,8 +101,9 @@ class Eagle3Trainer(Trainer):
             logs.update(self._take_metrics("train"))
         super().log(logs, start_time)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._stats["eval"].zero_()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._take_metrics("eval").items()})
@@ -120,8 +123,12 @@ class Eagle3Trainer(Trainer):
         output_dir = Path(output_dir)
         self.save_model(str(output_dir), _internal_call=True)
         if self.args.should_save:
-            info = {"global_step": self.state.global_step, "epoch": self.state.epoch,
-                    "metrics": metrics or {}, "data": self.data_stats}
+            info = {
+                "global_step": self.state.global_step,
+                "epoch": self.state.epoch,
+                "metrics": metrics or {},
+                "data": self.data_stats,
+            }
             (output_dir / EVAL_METRICS_FILE).write_text(json.dumps(info, indent=1))
         return output_dir
 
@@ -132,8 +139,14 @@ class Eagle3Trainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints stay local (optimizer states are not what users download)."""
 
-    def push_to_hub(self, commit_message: str | None = "Upload EAGLE-3 draft", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, **kwargs: Any) -> str | None:
+    def push_to_hub(
+        self,
+        commit_message: str | None = "Upload EAGLE-3 draft",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> str | None:
         """Upload ``output_dir/best_model`` (with its model card) to ``--hub_model_id``."""
         if not self.is_world_process_zero():
             return None
