@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python demo.py
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
