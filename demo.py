@@ -1,4 +1,4 @@
-"""End-to-end demo on CPU with a tiny local Qwen3 target (`make demo`, about 10 minutes on 2 cores).
+"""End-to-end demo on CPU with a tiny local Qwen3 target (`make demo`, a few minutes on 2 cores).
 
 1. build and briefly train a tiny Qwen3 target (no download; cached)
 2. collect its hidden states on its own regenerated answers (run_collect.py, hf backend)
