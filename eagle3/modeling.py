@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3MLP,
@@ -152,7 +153,15 @@ class Eagle3Attention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         cache.update(layer, k, v)
-        attn = eagle3_attention(q, cache.context[layer], cache.diagonal[layer], self.scale)
+        if cache.diagonal[layer] and torch.is_grad_enabled():
+            # Training-time test steps >= 1: the explicit [T, T] scores would be kept for backward
+            # at every step (GiBs at T=2048); recompute them in backward instead.
+            # (A copy of the diagonal list: later steps append to the cache's own.)
+            attn = checkpoint(
+                eagle3_attention, q, cache.context[layer], list(cache.diagonal[layer]), self.scale, use_reentrant=False
+            )
+        else:
+            attn = eagle3_attention(q, cache.context[layer], cache.diagonal[layer], self.scale)
         return self.o_proj(attn.transpose(1, 2).reshape(batch, length, -1))
 
 

@@ -201,3 +201,33 @@ def test_tiny_target_is_deterministic_and_loadable(tmp_path):
     )
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == model.config.eos_token_id
+
+
+def test_ttt_attention_checkpointing_keeps_gradients(target_config, monkeypatch):
+    """Steps >= 1 recompute attention in backward; gradients must equal the stored-activation path."""
+    import eagle3.modeling as modeling
+
+    model = make_draft(target_config, num_draft_layers=2)
+    aux = torch.randn(2, 8, model.config.num_aux_layers * model.config.target_hidden_size)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+
+    def unrolled_grads():
+        model.zero_grad(set_to_none=True)
+        cache = model.new_cache("ttt")
+        hidden = model.combine_hidden_states(aux)
+        positions = torch.arange(8).expand(2, -1)
+        total = 0.0
+        for step in range(3):
+            normed, hidden = model.draft_step(
+                hidden, model.embed_tokens(ids[:, 1 + step : 9 + step]), positions + step, cache
+            )
+            total = total + model.compute_logits(normed).logsumexp(-1).sum()
+        total.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    checkpointed = unrolled_grads()
+    monkeypatch.setattr(modeling, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    stored = unrolled_grads()
+    assert checkpointed.keys() == stored.keys() and len(stored) > 10
+    for name in stored:
+        torch.testing.assert_close(checkpointed[name], stored[name], atol=1e-6, rtol=1e-5)
