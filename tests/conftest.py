@@ -39,3 +39,42 @@ def qwen3_chat_template() -> str:
     if not path.exists():
         pytest.skip(f"{path} not present (only in the project's CI checkout)")
     return path.read_text()
+
+
+QUESTIONS = ("Count from 3 to 10.", "Spell the word tiger.", "What is 4 plus 5?")
+
+
+@pytest.fixture(scope="session")
+def vllm_bench():
+    """Run ``python -m eagle3.evaluate.vllm_bench`` (real vLLM, in a subprocess) and return its JSON.
+
+    ``prompts``: token-id lists, or None for the chat-rendered ``QUESTIONS``. vLLM wants a
+    ``__main__`` process of its own; a subprocess also frees its memory afterwards.
+    """
+    import json
+    import subprocess
+    import sys
+
+    def run(target, drafts, workdir, prompts=None, baseline=False, k=3, max_tokens=32) -> dict:
+        if prompts is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(target)
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": q}], add_generation_prompt=True, enable_thinking=False, tokenize=False
+                )
+                for q in QUESTIONS
+            ]
+        workdir = Path(workdir)
+        (workdir / "prompts.json").write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(target)]
+        command += ["--baseline"] if baseline else []
+        command += [arg for draft in drafts for arg in ("--draft", str(draft))]
+        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens), "--temperature", "0"]
+        command += ["--prompts", str(workdir / "prompts.json"), "--json", str(workdir / "vllm.json")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads((workdir / "vllm.json").read_text())
+
+    return run

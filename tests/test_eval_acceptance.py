@@ -9,10 +9,6 @@ PyTorch draft computes what vLLM's Eagle3Qwen3 / Eagle3Llama classes compute.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 from transformers import AutoTokenizer
 
@@ -109,43 +105,23 @@ def hf_reports(trained_target, drafts):
 
 
 @pytest.fixture(scope="module")
-def vllm_runs(trained_target, drafts):
-    """vLLM's own counters for both drafts, on the very token ids the hf backend used."""
+def vllm_runs(trained_target, drafts, vllm_bench):
+    """vLLM's own counters for every draft, on the very token ids the hf backend used."""
     from eagle3.evaluate.run import load_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(trained_target)
     args = parse_args(
         ["--model", str(trained_target), "--draft", str(drafts["trained"]), "--dataset", str(drafts["prompts"])]
     )
-    prompt_ids = load_prompts(args, tokenizer)
-    root = drafts["root"]
-    (root / "prompt_ids.json").write_text(json.dumps(prompt_ids))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eagle3.evaluate.vllm_bench",
-            "--model",
-            str(trained_target),
-            *[arg for name in DRAFTS for arg in ("--draft", str(drafts[name]))],
-            "--num-speculative-tokens",
-            str(K),
-            "--max-tokens",
-            "48",
-            "--temperature",
-            "0",
-            "--prompts",
-            str(root / "prompt_ids.json"),
-            "--json",
-            str(root / "vllm.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    out = vllm_bench(
+        trained_target,
+        [drafts[name] for name in DRAFTS],
+        drafts["root"],
+        prompts=load_prompts(args, tokenizer),
+        k=K,
+        max_tokens=48,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    runs = json.loads((root / "vllm.json").read_text())["drafts"]
-    return {name: runs[str(drafts[name])] for name in DRAFTS}
+    return {name: out["drafts"][str(drafts[name])] for name in DRAFTS}
 
 
 def test_hf_speculation_is_lossless_with_a_trained_draft(hf_reports):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -303,40 +301,8 @@ def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_best_model_loads_and_speculates_in_vllm(trained_run, tmp_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(trained_run.target)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, enable_thinking=False, tokenize=False
-        )
-        for q in ("Count from 3 to 10.", "Spell the word tiger.", "What is 4 plus 5?")
-    ]
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eagle3.evaluate.vllm_bench",
-            "--model",
-            str(trained_run.target),
-            "--draft",
-            str(trained_run.output_dir / "best_model"),
-            "--num-speculative-tokens",
-            "3",
-            "--max-tokens",
-            "32",
-            "--prompts",
-            str(tmp_path / "prompts.json"),
-            "--json",
-            str(tmp_path / "out.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    (run,) = json.loads((tmp_path / "out.json").read_text())["drafts"].values()
+def test_best_model_loads_and_speculates_in_vllm(trained_run, tmp_path, vllm_bench):
+    out = vllm_bench(trained_run.target, [trained_run.output_dir / "best_model"], tmp_path)
+    (run,) = out["drafts"].values()
     print(f"vLLM acceptance length of best_model: {run['acceptance_length']:.3f}")
     assert run["num_drafts"] > 0 and run["acceptance_length"] > 1.3

@@ -94,43 +94,10 @@ def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, runs, tr
 
 
 @pytest.mark.vllm
-def test_deepspeed_best_models_load_and_speculate_in_vllm(runs, trained_target, tmp_path):
+def test_deepspeed_best_models_load_and_speculate_in_vllm(runs, trained_target, tmp_path, vllm_bench):
     """What ZeRO-3 gathered and saved is what vLLM serves: lossless output, drafts made."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(trained_target)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], add_generation_prompt=True, enable_thinking=False, tokenize=False
-        )
-        for q in ("Count from 3 to 10.", "What is 4 plus 5?")
-    ]
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     drafts = [str(runs[stage] / "best_model") for stage in STAGES]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eagle3.evaluate.vllm_bench",
-            "--model",
-            str(trained_target),
-            "--baseline",
-            *[arg for draft in drafts for arg in ("--draft", draft)],
-            "--num-speculative-tokens",
-            "3",
-            "--max-tokens",
-            "24",
-            "--prompts",
-            str(tmp_path / "prompts.json"),
-            "--json",
-            str(tmp_path / "out.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = vllm_bench(trained_target, drafts, tmp_path, baseline=True, max_tokens=24)
     for draft in drafts:
         run = out["drafts"][draft]
         assert run["num_drafts"] > 0, draft
