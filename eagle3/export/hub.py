@@ -13,8 +13,8 @@ CARD_TEMPLATE = """---
 
 # EAGLE-3 draft for {target}
 
-A speculative-decoding draft (EAGLE-3) for [{target}]({target_link}), trained with
-[eagle3-qwen3](https://github.com/) on the target's own answers. vLLM serves it unchanged.
+A speculative-decoding draft (EAGLE-3) for {target_link}, trained with eagle3-qwen3 on the
+target's own answers. vLLM serves it unchanged.
 
 ## Serve it with vLLM
 
@@ -88,7 +88,10 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
     text = CARD_TEMPLATE.format(
         metadata=card_data.to_yaml(),
         target=target,
-        target_link=f"https://huggingface.co/{target}" if "/" in str(target) else target,
+        # Link Hub ids only; a local folder (absolute, ./ or existing on disk) has no page.
+        target_link=f"`{target}`"
+        if Path(str(target)).exists() or str(target).startswith((".", "/")) or str(target).count("/") != 1
+        else f"[{target}](https://huggingface.co/{target})",
         draft=repo_id or str(draft_dir),
         architecture=(config.get("architectures") or ["?"])[0],
         model_type=config.get("model_type"),
