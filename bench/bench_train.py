@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from transformers import Qwen3Config
 
 from eagle3.config import Eagle3Qwen3Config
-from eagle3.target import TargetHead
+from eagle3.target import TargetHead, final_norm
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator
 from eagle3.train.loss import TargetProjector, ttt_loss
@@ -178,8 +178,7 @@ class PeakRSS:
 def naive_loss(draft, head, draft_ids, input_ids, aux, last, loss_mask, steps, decay):
     """What OOMs in the wild: fp32 target logits over the full vocab for every TTT step, and a
     full-vocab draft-target comparison; the draft side is the same unroll."""
-    hidden_t = last.float()
-    hidden_t = hidden_t * torch.rsqrt(hidden_t.pow(2).mean(-1, keepdim=True) + 1e-6) * head.norm
+    hidden_t = final_norm(last, head.norm, 1e-6)
     target_full = [(hidden_t @ head.lm_head.T)[:, 1 + i :].float() for i in range(steps)]  # per step, fp32
     batch, length = input_ids.shape
     padded = F.pad(input_ids, (0, steps + 1))

@@ -87,6 +87,13 @@ def read_target_tensors(model: str | Path, names: list[str]) -> dict[str, torch.
     return tensors
 
 
+def final_norm(last_hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The target's final RMSNorm on pre-norm last hidden states (in fp32, as Qwen3's is)."""
+    hidden = last_hidden_states.float()
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.float() * hidden
+
+
 @dataclass
 class TargetHead:
     """Frozen target pieces: embedding [V, H], final norm [H], lm_head [V, H]."""
@@ -109,11 +116,3 @@ class TargetHead:
                 raise FileNotFoundError(f"{model}: {LM_HEAD} not found and tie_word_embeddings is false")
             lm_head = tensors[EMBED]
         return cls(config=config, embed_tokens=tensors[EMBED], norm=tensors[NORM], lm_head=lm_head)
-
-    def logits(self, last_hidden_states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Target logits from pre-norm last hidden states, optionally only for vocab ``rows``."""
-        hidden = last_hidden_states.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
-        hidden = (self.norm.float() * hidden).to(self.lm_head.dtype)
-        weight = self.lm_head if rows is None else self.lm_head[rows]
-        return hidden @ weight.T

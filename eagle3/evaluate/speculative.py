@@ -106,22 +106,25 @@ class SpeculativeDecoder:
         full[self.draft_to_target] = _probabilities(draft_logits, self.temperature)
         return full
 
-    def _propose(self, hidden: torch.Tensor, token: int, position: int, cache, count: int) -> tuple[list[int], list]:
-        """``count`` more draft tokens (target ids) and, above temperature 0, their distributions."""
-        tokens, distributions = [], []
+    def _draft_token(self, normed: torch.Tensor, distributions: list) -> int:
+        """The draft's token (a target id) from its last position; above temperature 0 the draft
+        distribution it was sampled from is appended to ``distributions`` for verification."""
+        logits = self.draft.compute_logits(normed)[0, -1]
+        if self.temperature == 0:
+            return int(self.draft_to_target[int(logits.argmax())])
+        q = self._draft_distribution(logits)
+        distributions.append(q)
+        return int(torch.multinomial(q, 1, generator=self.generator))
+
+    def _propose(self, hidden: torch.Tensor, token: int, position: int, cache, count: int, distributions: list):
+        """``count`` more draft tokens (target ids), chaining the draft's own pre-norm state."""
+        tokens = []
         for step in range(count):
             embeds = self.draft.embed_tokens(torch.tensor([[token]]))
             normed, hidden = self.draft.draft_step(hidden, embeds, torch.tensor([[position + step]]), cache)
-            logits = self.draft.compute_logits(normed)[0, -1]
-            if self.temperature == 0:
-                token = int(self.draft_to_target[int(logits.argmax())])
-            else:
-                q = self._draft_distribution(logits)
-                token = int(torch.multinomial(q, 1, generator=self.generator))
-                distributions.append(q)
+            token = self._draft_token(normed, distributions)
             tokens.append(token)
-            hidden = hidden[:, -1:]
-        return tokens, distributions
+        return tokens
 
     def _verify(self, proposal: list[int], q: list, target_logits: torch.Tensor) -> list[int]:
         """Accepted draft tokens followed by one token from the target (bonus or correction)."""
@@ -160,14 +163,9 @@ class SpeculativeDecoder:
             position += len(pending_tokens)
             committed = draft_cache.seq_length()
             # Step 1 comes from the last position just read; steps 2..k continue the chain.
-            logits1 = self.draft.compute_logits(normed)[0, -1]
-            if self.temperature == 0:
-                first, q = int(self.draft_to_target[int(logits1.argmax())]), []
-            else:
-                q = [self._draft_distribution(logits1)]
-                first = int(torch.multinomial(q[0], 1, generator=self.generator))
-            more, more_q = self._propose(prenorm[:, -1:], first, position, draft_cache, self.k - 1)
-            proposal, q = [first, *more], q + more_q
+            q: list = []
+            first = self._draft_token(normed, q)
+            proposal = [first, *self._propose(prenorm[:, -1:], first, position, draft_cache, self.k - 1, q)]
             draft_cache.crop(committed)
 
             target_logits, verify_aux = self._target_forward([output[-1], *proposal], target_cache)

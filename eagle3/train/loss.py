@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from eagle3.target import TargetHead
+from eagle3.target import TargetHead, final_norm
 
 
 @dataclass
@@ -63,9 +63,7 @@ class TargetProjector:
         return self
 
     def normed(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden = last_hidden_states.float()
-        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.norm.float() * hidden).to(self.draft_rows.dtype)
+        return final_norm(last_hidden_states, self.norm, self.eps).to(self.draft_rows.dtype)
 
     def full_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Argmax over the full vocabulary of hidden [N, H] @ lm_head.T, in vocab chunks."""
