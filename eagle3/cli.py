@@ -1,7 +1,7 @@
 """The ``eagle3`` console command: small tools around a draft.
 
-eagle3 check DRAFT_DIR --target TARGET      strict vLLM contract check (exit 1 on problems)
-eagle3 new-draft --target TARGET --output DIR [--target-layers 1,3,4] [--draft-arch qwen3|llama]
+eagle3 check DRAFT_DIR --model TARGET       strict vLLM contract check (exit 1 on problems)
+eagle3 new-draft --model TARGET --output DIR [--layers 1,3,4] [--draft-arch qwen3|llama]
 eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
 """
 
@@ -56,16 +56,16 @@ def new_draft(
 def _cmd_check(args: argparse.Namespace) -> int:
     from eagle3.export.check import check_draft, errors, format_report
 
-    problems = check_draft(args.draft_dir, args.target)
-    print(format_report(args.draft_dir, args.target, problems))
+    problems = check_draft(args.draft_dir, args.model)
+    print(format_report(args.draft_dir, args.model, problems))
     return 1 if errors(problems) else 0
 
 
 def _cmd_new_draft(args: argparse.Namespace) -> int:
     path = new_draft(
-        args.target,
+        args.model,
         args.output,
-        target_layers=parse_layers(args.target_layers, "--target-layers"),
+        target_layers=parse_layers(args.layers, "--layers"),
         num_draft_layers=args.num_draft_layers,
         draft_vocab_size=args.draft_vocab_size,
         draft_arch=args.draft_arch,
@@ -82,26 +82,45 @@ def _cmd_tiny_target(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eagle3", description="EAGLE-3 draft tools for Qwen3 targets")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    # The same name as run_collect/run_train/run_eval; --target is this command's original spelling.
+    parser.add_argument(
+        "--model", "--target", "--base-model", dest="model", required=True, help="target model folder or Hub id"
+    )
 
-    check = commands.add_parser("check", help="check a saved draft against what vLLM expects for a target")
-    check.add_argument("draft_dir")
-    check.add_argument("--target", required=True, help="target model folder or Hub id")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eagle3", description="EAGLE-3 draft tools for Qwen3 targets", allow_abbrev=False
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    check = commands.add_parser(
+        "check", help="check a saved draft against what vLLM expects for a target", formatter_class=defaults
+    )
+    check.add_argument("draft_dir", help="the draft folder, e.g. OUTPUT_DIR/best_model")
+    _add_model(check)
     check.set_defaults(run=_cmd_check)
 
-    draft = commands.add_parser("new-draft", help="save an untrained draft for a target")
-    draft.add_argument("--target", required=True)
-    draft.add_argument("--output", required=True)
-    draft.add_argument("--target-layers", help="0-based layer indices whose OUTPUT feeds the draft, e.g. 1,13,24")
-    draft.add_argument("--num-draft-layers", type=int, default=1)
-    draft.add_argument("--draft-vocab-size", type=int)
-    draft.add_argument("--draft-arch", choices=["qwen3", "llama"], default="qwen3")
+    draft = commands.add_parser("new-draft", help="save an untrained draft for a target", formatter_class=defaults)
+    _add_model(draft)
+    draft.add_argument("--output", required=True, help="folder to save the draft in")
+    draft.add_argument(
+        "--layers",
+        "--target-layers",
+        dest="layers",
+        help="0-based layer indices whose OUTPUT feeds the draft, e.g. 1,13,24 (default: EAGLE-3's)",
+    )
+    draft.add_argument("--num-draft-layers", type=int, default=1, help="decoder layers in the draft")
+    draft.add_argument("--draft-vocab-size", type=int, help="draft lm_head size (default: the target's vocabulary)")
+    draft.add_argument("--draft-arch", choices=["qwen3", "llama"], default="qwen3", help="vLLM class of the draft")
     draft.set_defaults(run=_cmd_new_draft)
 
-    tiny = commands.add_parser("tiny-target", help="build the tiny local Qwen3 target used by tests and the demo")
-    tiny.add_argument("output_dir")
+    tiny = commands.add_parser(
+        "tiny-target", help="build the tiny local Qwen3 target used by tests and the demo", formatter_class=defaults
+    )
+    tiny.add_argument("output_dir", help="folder to write the target to")
     tiny.add_argument("--trained", action="store_true", help="train it briefly on synthetic chats (~1 min)")
     tiny.set_defaults(run=_cmd_tiny_target)
     return parser

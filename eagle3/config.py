@@ -21,6 +21,10 @@ from typing import Any
 
 from transformers import Qwen3Config
 
+# One --max-length default for collecting and training (tokens per sample): collecting longer
+# samples than training reads only stores states that training cuts off.
+DEFAULT_MAX_LENGTH = 2048
+
 # What vLLM needs copied verbatim from the target so that positions and vocab line up.
 _COPIED_FROM_TARGET = (
     "hidden_size",

@@ -249,10 +249,10 @@ def _rewritten_manifest(data_dir: Path, tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize(
     ("change", "flags", "expected"),
     [
-        ({}, ["--target-layers", "0,3,7"], ["--target-layers 0,3,7", "1,3,4", "vLLM ids [2, 4, 5]"]),
-        ({"config_hash": "0123456789abcdef"}, [], ["--base-model", "not the model", "0123456789abcdef"]),
-        ({"hidden_size": 2048}, [], ["--base-model", "hidden size 128", "size 2048"]),
-        ({}, ["--target-layers", "1,3,9"], ["--target-layers", "out of range", "0..7"]),
+        ({}, ["--target-layers", "0,3,7"], ["--layers 0,3,7", "1,3,4", "vLLM ids [2, 4, 5]"]),
+        ({"config_hash": "0123456789abcdef"}, [], ["--model", "not the model", "0123456789abcdef"]),
+        ({"hidden_size": 2048}, [], ["--model", "hidden size 128", "size 2048"]),
+        ({}, ["--layers", "1,3,9"], ["--layers", "out of range", "0..7"]),
     ],
 )
 def test_mismatches_stop_before_any_work_with_a_clear_message(
@@ -286,7 +286,7 @@ def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):
     )
     assert (args.data_dir, args.filter_ranks, args.deduplicate, args.output_dir) == ("d", [0], False, "o")
     assert (args.num_train_epochs, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (10, 64, 4)
-    assert (args.learning_rate, args.num_draft_layers, args.target_layers) == (1e-4, 2, "0,13,27")
+    assert (args.learning_rate, args.num_draft_layers, args.layers, args.model) == (1e-4, 2, "0,13,27", "m")
     same = parse_args(
         "--data_dir d --num_train_epochs 10 --per_device_train_batch_size 64 --learning_rate 1e-4 "
         "--report_to none".split()

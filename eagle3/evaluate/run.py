@@ -1,6 +1,6 @@
 """run_eval.py's library side: prompts, input checks, the two backends, the report.
 
-Three views of one quantity (see README "Acceptance length"):
+Three views of one quantity (see README "Three views of one number"):
 * training's simulated acceptance length (teacher-forced, from stored target states),
 * ``--backend hf``: real chain speculation in this process,
 * ``--backend vllm``: vLLM's own spec-decode counters.
@@ -11,66 +11,18 @@ temperature 0), so at temperature 0 they should agree up to numerics.
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from eagle3.evaluate.args import EvalArgs, parse_args
 from eagle3.evaluate.report import AcceptanceReport
+
+__all__ = ["EvalArgs", "EvalInputError", "evaluate", "parse_args"]
 
 
 class EvalInputError(ValueError):
     """Bad input for run_eval.py, found before any model is loaded."""
-
-
-@dataclass
-class EvalArgs:
-    model: str
-    draft: str
-    dataset: list[str]
-    backend: str = "hf"
-    num_speculative_tokens: int = 3
-    temperature: float = 0.0
-    max_new_tokens: int = 256
-    num_prompts: int | None = None
-    dataset_split: str = "train"
-    enable_thinking: bool = False
-    seed: int = 0
-    output: str | None = None
-    plot: str | None = None
-    no_baseline: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Measure an EAGLE-3 draft's acceptance length in-process (hf) or in vLLM.",
-    )
-    parser.add_argument("--model", required=True, help="target model folder or Hub id")
-    parser.add_argument("--draft", required=True, help="draft folder (e.g. OUTPUT/best_model)")
-    parser.add_argument(
-        "--dataset",
-        required=True,
-        nargs="+",
-        help="prompts: JSONL files (ShareGPT, OpenAI or "
-        "{'prompt': ...}) or a Hugging Face dataset; each conversation up to its first answer",
-    )
-    parser.add_argument("--dataset-split", default="train")
-    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf")
-    parser.add_argument("--num-speculative-tokens", "-k", type=int, default=3)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    parser.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template switch (default off)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", help="write the report as JSON here")
-    parser.add_argument("--plot", help="write a PNG plot (per-position acceptance) here")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the target-only run (no speedup/lossless)")
-    return parser
-
-
-def parse_args(argv: list[str] | None = None) -> EvalArgs:
-    return EvalArgs(**vars(build_parser().parse_args(argv)))
 
 
 def validate(args: EvalArgs) -> None:
@@ -83,10 +35,6 @@ def validate(args: EvalArgs) -> None:
             f"--draft {args.draft}: no draft there (config.json missing); pass the folder run_train.py "
             "wrote, e.g. OUTPUT_DIR/best_model."
         )
-    if args.num_speculative_tokens < 1:
-        raise EvalInputError("--num-speculative-tokens must be >= 1.")
-    if args.temperature < 0:
-        raise EvalInputError("--temperature must be >= 0.")
     problems = errors(check_draft(draft, args.model))
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems)

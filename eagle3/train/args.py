@@ -3,23 +3,42 @@
 Every ``TrainingArguments`` option keeps working (``--report_to``, ``--push_to_hub``,
 ``--deepspeed``, ``--resume_from_checkpoint``, ...). The original recipe's flags are argparse
 aliases of the same fields, so ``--epochs 10`` and ``--num_train_epochs 10`` are one option
-(HfArgumentParser also accepts ``--output-dir`` for ``--output_dir`` by itself). A YAML or
-JSON file given as the only argument holds the same options by field name.
+(HfArgumentParser also accepts ``--output-dir`` for ``--output_dir`` by itself). The target is
+``--model`` and its layers ``--layers`` as in run_collect.py and run_eval.py (``--base-model``,
+``--target-layers`` stay aliases). A YAML or JSON file first holds the same options by field
+name or flag, overridden by the flags after it (see eagle3/argparsing.py). ``--help`` lists the
+EAGLE-3 options first, then TrainingArguments whose defaults this method changes, then the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
+
+from eagle3.argparsing import parse_dataclass
+from eagle3.config import DEFAULT_MAX_LENGTH
+
+EAGLE3_SECTION = "EAGLE-3 options"
+CHANGED_DEFAULTS_SECTION = "training options with EAGLE-3 defaults (recipe aliases)"
+TRAINER_SECTION = "transformers TrainingArguments"
 
 
 @dataclass
 class Eagle3TrainingArguments(TrainingArguments):
+    _sections = (EAGLE3_SECTION, CHANGED_DEFAULTS_SECTION, TRAINER_SECTION)
+
+    @classmethod
+    def _section_of(cls, field_: dataclasses.Field) -> str:
+        """Sections follow where a field is declared, so a new EAGLE-3 field needs no extra step."""
+        if field_.name not in TrainingArguments.__dataclass_fields__:
+            return EAGLE3_SECTION
+        return CHANGED_DEFAULTS_SECTION if field_.name in cls.__annotations__ else TRAINER_SECTION
+
     # --- data ---
     data_dir: str | None = field(
         default=None, metadata={"help": "run_collect.py output directory (manifest.json + shards)."}
@@ -36,20 +55,21 @@ class Eagle3TrainingArguments(TrainingArguments):
         default=0.05,
         metadata={"help": "Fraction of samples held out for evaluation (deterministic split, data_seed/seed)."},
     )
-    max_length: int = field(default=2048, metadata={"help": "Truncate samples to this many tokens."})
+    max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncate samples to this many tokens."})
     # --- target and draft ---
-    base_model: str | None = field(
+    model: str | None = field(
         default=None,
         metadata={
             "help": "Target model (local folder or Hub id); default: the one recorded in the data manifest.",
-            "aliases": ["--target-model", "--target_model"],
+            "aliases": ["--base-model", "--base_model", "--target-model", "--target_model", "--target"],
         },
     )
-    target_layers: str | None = field(
+    layers: str | None = field(
         default=None,
         metadata={
             "help": "Aux layers as 0-based decoder layer outputs, e.g. 0,13,27. Optional: read from the "
-            "manifest, and must match it when given."
+            "manifest, and must match it when given.",
+            "aliases": ["--target-layers", "--target_layers"],
         },
     )
     num_draft_layers: int = field(
@@ -105,7 +125,11 @@ class Eagle3TrainingArguments(TrainingArguments):
             "or accept_len_product (1 + sum_k prod_i acc_i)."
         },
     )
-    greater_is_better: bool | None = field(default=True, metadata={"help": "Higher metric_for_best_model is better."})
+    # greater_is_better stays transformers' (None: inferred, False for a metric ending in "loss").
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP: every draft parameter gets a gradient each step, so no unused-parameter search."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all batch keys (the loss needs them)."})
     train_sampling_strategy: str = field(
         default="group_by_length",
@@ -121,14 +145,32 @@ class Eagle3TrainingArguments(TrainingArguments):
             # installed, and without use_cpu accelerate would see one process. gloo always works.
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
-        super().__post_init__()
+        if self.gradient_checkpointing:
+            raise ValueError(
+                "--gradient_checkpointing: not supported for the EAGLE-3 draft (one decoder layer; the TTT "
+                "attention already recomputes in backward). Drop it; to save memory use --head-checkpointing "
+                "(recomputes the lm_head + loss) or a smaller --per_device_train_batch_size/--max-length."
+            )
         if self.ttt_steps < 1:
-            raise ValueError(f"--ttt-steps must be >= 1, got {self.ttt_steps}")
+            raise ValueError(f"--ttt-steps must be >= 1 (7 is EAGLE-3's), got {self.ttt_steps}")
         if not 0.0 <= self.eval_ratio < 1.0:
             raise ValueError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        super().__post_init__()
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
             self.metric_for_best_model = None
+
+    @property
+    def base_model(self) -> str | None:
+        """Former name of ``model`` (the recipe's --base-model), kept for code written against it."""
+        return self.model
+
+    @property
+    def target_layers(self) -> str | None:
+        """Former name of ``layers`` (the recipe's --target-layers)."""
+        return self.layers
 
     @property
     def filter_ranks(self) -> list[int] | None:
@@ -137,21 +179,12 @@ class Eagle3TrainingArguments(TrainingArguments):
         return [int(r) for r in str(self.filter_rank).split(",") if r != ""]
 
 
-def parse_args(argv: list[str] | None = None) -> Eagle3TrainingArguments:
-    """Command line, or a single YAML/JSON file holding the same fields (plus extra flags after it)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(Eagle3TrainingArguments)
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and Path(argv[0]).is_file():
-        path, rest = Path(argv[0]), argv[1:]
-        if rest:  # config file + command-line overrides: parse the file's values as defaults
-            import json
-
-            import yaml
-
-            values = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
-            parser.set_defaults(**values)
-            return parser.parse_args_into_dataclasses(args=rest)[0]
-        if path.suffix == ".json":
-            return parser.parse_json_file(str(path))[0]
-        return parser.parse_yaml_file(str(path))[0]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+def parse_args(argv: Sequence[str] | None = None) -> Eagle3TrainingArguments:
+    """``[CONFIG.yaml|json] [flags]``; a mistake exits 2 naming the flag (see eagle3/argparsing.py)."""
+    return parse_dataclass(
+        Eagle3TrainingArguments,
+        argv,
+        prog="run_train.py",
+        description="Train an EAGLE-3 draft for a Qwen3 target from run_collect.py data (any TrainingArguments "
+        "option works too).",
+    )

@@ -1,4 +1,4 @@
-"""Command-line entry of run_train.py: parse, train, and turn known user errors into one clear line."""
+"""Entry of run_train.py and ``eagle3-train``: parse, train, and turn known user errors into one clear line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
+from eagle3.argparsing import EXIT_USAGE, prog_name
 from eagle3.config import Eagle3ConfigError
 from eagle3.data.store import StoreError
 from eagle3.train.args import parse_args
@@ -42,17 +44,26 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def _setup_logging(args) -> None:
+    """INFO on the main process, warnings only on the others (--log_level / --log_level_replica)."""
+    level = args.get_process_log_level()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    logging.getLogger("eagle3").setLevel(level)
+    if args.log_level != "passive":  # transformers' own INFO logs only when asked for (--log_level info)
+        transformers.utils.logging.set_verbosity(level)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     start = time.perf_counter()
+    args = parse_args(argv)  # a bad flag or value exits 2 here, before any work
+    _setup_logging(args)
     try:
-        args = parse_args(argv)
         train(args)
         if _distributed():
             torch.distributed.barrier()  # every rank finished saving
     except (Eagle3ConfigError, StoreError, FileNotFoundError) as error:
-        print(f"run_train.py: error: {error}", file=sys.stderr)
-        return 2
+        print(f"{prog_name('run_train.py')}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         # Tear the process group down before interpreter exit: a gloo group left to the
         # destructors can abort one rank at exit ("terminate called without an active exception").

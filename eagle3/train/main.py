@@ -41,36 +41,38 @@ class Plan:
 
 
 def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
-    """Compare --data-dir's manifest with --base-model / --target-layers; raise Eagle3ConfigError."""
+    """Compare --data-dir's manifest with --model / --layers; raise Eagle3ConfigError."""
     if not args.data_dir:
         raise Eagle3ConfigError("--data-dir: give the run_collect.py output directory.")
     manifest = read_manifest(args.data_dir)
     recorded = manifest.get("target") or {}
-    base_model = args.base_model or recorded.get("name_or_path")
+    base_model = args.model or recorded.get("name_or_path")
     if not base_model:
-        raise Eagle3ConfigError("--base-model: not given and the data manifest does not name the target.")
+        raise Eagle3ConfigError(
+            "--model: not given and the data manifest does not name the target; pass the target's folder or Hub id."
+        )
     target_config = load_target_config(base_model)
     if manifest.get("hidden_size") is not None and int(manifest["hidden_size"]) != target_config.hidden_size:
         raise Eagle3ConfigError(
-            f"--base-model {base_model} has hidden size {target_config.hidden_size}, but the data in --data-dir "
+            f"--model {base_model} has hidden size {target_config.hidden_size}, but the data in --data-dir "
             f"{args.data_dir} holds hidden states of size {manifest['hidden_size']} (collected from "
-            f"{recorded.get('name_or_path')!r}). Pass the --base-model the data was collected with, or collect again."
+            f"{recorded.get('name_or_path')!r}). Pass the --model the data was collected with, or collect again."
         )
     if recorded.get("config_hash") and recorded["config_hash"] != config_hash(target_config):
         raise Eagle3ConfigError(
-            f"--base-model {base_model} is not the model the data in --data-dir {args.data_dir} was collected with "
+            f"--model {base_model} is not the model the data in --data-dir {args.data_dir} was collected with "
             f"({recorded.get('name_or_path')!r}; config hash {recorded['config_hash']} != {config_hash(target_config)}). "
-            "Pass that model as --base-model, or collect data with this one."
+            "Pass that model as --model, or collect data with this one."
         )
     stored = [int(x) for x in manifest["layers"]]
-    given = parse_layers(args.target_layers, "--target-layers")
+    given = parse_layers(args.layers, "--layers")
     if given is not None:
-        given = validate_target_layers(given, target_config.num_hidden_layers, flag="--target-layers")
+        given = validate_target_layers(given, target_config.num_hidden_layers, flag="--layers")
         if given != stored:
             raise Eagle3ConfigError(
-                f"--target-layers {','.join(map(str, given))} does not match the layers the data in --data-dir was "
+                f"--layers {','.join(map(str, given))} does not match the layers the data in --data-dir was "
                 f"collected at: {','.join(map(str, stored))} (vLLM ids {to_vllm_layer_ids(stored)}). Drop "
-                f"--target-layers to use the manifest's, or collect again with --layers {','.join(map(str, given))}."
+                f"--layers to use the manifest's, or collect again with --layers {','.join(map(str, given))}."
             )
     return Plan(base_model=str(base_model), target_config=target_config, target_layers=stored)
 

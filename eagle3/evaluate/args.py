@@ -1,0 +1,83 @@
+"""Options of run_eval.py / eagle3-eval, parsed like the other tools (see eagle3/argparsing.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from eagle3.argparsing import module_available, parse_dataclass
+
+
+@dataclass
+class EvalArgs:
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target model folder or Hugging Face id (required).",
+            "aliases": ["--target", "--base-model", "--base_model", "--target-model", "--target_model"],
+        },
+    )
+    draft: str | None = field(
+        default=None, metadata={"help": "Draft folder, e.g. OUTPUT_DIR/best_model from run_train.py (required)."}
+    )
+    dataset: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Prompts (required): JSONL/JSON files (ShareGPT, OpenAI or {'prompt': ...}) or a Hugging Face "
+            "dataset; each conversation up to its first answer."
+        },
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hugging Face dataset."})
+    backend: str = field(
+        default="hf",
+        metadata={
+            "help": "hf: chain speculation in this process; vllm: vLLM's own spec decoding and counters.",
+            "choices": ["hf", "vllm"],
+        },
+    )
+    num_speculative_tokens: int = field(
+        default=3, metadata={"help": "Draft tokens proposed per target step (k).", "aliases": ["-k"]}
+    )
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (lossless check)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per prompt."})
+    num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (default: all)."})
+    enable_thinking: bool = field(default=False, metadata={"help": "Qwen3 chat template thinking switch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    output: str | None = field(default=None, metadata={"help": "Write the report as JSON here."})
+    plot: str | None = field(
+        default=None, metadata={"help": "Write a PNG plot (per-position acceptance) here; needs matplotlib."}
+    )
+    no_baseline: bool = field(
+        default=False, metadata={"help": "Skip the target-only run (no speedup, no lossless check)."}
+    )
+
+    def __post_init__(self) -> None:
+        for name, what in (("model", "the target's folder or Hub id"), ("draft", "the draft folder")):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required: {what}")
+        if not self.dataset:
+            raise ValueError("--dataset is required: JSONL/JSON file(s) of prompts or a Hugging Face dataset")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"--num-speculative-tokens must be >= 1, got {self.num_speculative_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts} (omit it to use all prompts)")
+        # Missing packages are found now, not after the whole evaluation.
+        if self.plot and not module_available("matplotlib"):
+            raise ValueError(
+                f"--plot {self.plot} needs matplotlib: pip install matplotlib (or pip install 'eagle3-qwen3[plot]'),"
+                " or drop --plot"
+            )
+        if self.backend == "vllm" and not module_available("vllm"):
+            raise ValueError(
+                "--backend vllm needs vLLM installed: pip install 'eagle3-qwen3[vllm]' on GPU machines "
+                "('eagle3-qwen3[cpu]' on CPU-only ones), or use --backend hf"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArgs:
+    return parse_dataclass(
+        EvalArgs, argv, prog="run_eval.py", description="Measure an EAGLE-3 draft's acceptance length (hf or vLLM)."
+    )

@@ -1,0 +1,161 @@
+"""One command-line vocabulary across run_collect.py, run_train.py, run_eval.py and eagle3:
+config files with overrides, aliases, --help, and exit 2 with the flag and the fix before any work."""
+
+from __future__ import annotations
+
+import configparser
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+from eagle3.collect.args import parse_args as parse_collect
+from eagle3.config import DEFAULT_MAX_LENGTH
+from eagle3.evaluate.args import parse_args as parse_eval
+from eagle3.train.args import EAGLE3_SECTION, Eagle3TrainingArguments
+from eagle3.train.args import parse_args as parse_train
+
+REPO = Path(__file__).resolve().parents[1]
+PARSERS = {"collect": parse_collect, "train": parse_train, "eval": parse_eval}
+
+
+def exit_message(parse, argv, capsys) -> str:
+    """Parse ``argv``, expect exit 2, return stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        parse([str(a) for a in argv])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_one_name_for_the_target_layers_and_max_length():
+    """--model/--layers everywhere; the recipe's --base-model/--target-layers/--target stay aliases."""
+    for spelling in ("--model", "--base-model", "--target", "--target-model"):
+        collect = parse_collect([spelling, "m", "--layers", "0,3", "--dataset", "d", "--output-dir", "o"])
+        train = parse_train(["--data-dir", "d", spelling, "m", "--target-layers", "0,3", "--report_to", "none"])
+        evaluate = parse_eval([spelling, "m", "--draft", "x", "--dataset", "d"])
+        assert collect.model == train.model == evaluate.model == "m"
+    assert collect.layers == [0, 3] and train.layers == "0,3" and train.target_layers == train.layers
+    assert train.base_model == "m"  # the former field name still reads
+    assert collect.max_length == train.max_length == DEFAULT_MAX_LENGTH
+    recipe = parse_collect(
+        "--model Qwen/Qwen3-1.7B --layers 0,13,27 --output-dir ./eagle_data --target-tokens 1000000 "
+        "--batch-size 8 --concurrent-requests 4 --dataset d".split()
+    )
+    assert (recipe.layers, recipe.target_tokens, recipe.batch_size, recipe.concurrent_requests) == (
+        [0, 13, 27],
+        1000000,
+        8,
+        4,
+    )
+
+
+@pytest.mark.parametrize("tool", ["collect", "eval"])
+def test_config_file_with_overrides(tool, tmp_path):
+    """A YAML file by field name or flag spelling, then command-line flags on top; JSON too."""
+    config = tmp_path / f"{tool}.yaml"
+    config.write_text(
+        "target: m\ndataset: d.jsonl\n" + ("output-dir: o\nlayers: [0, 3]\n" if tool == "collect" else "draft: x\n")
+    )
+    parse = PARSERS[tool]
+    args = parse([str(config), "--seed", "5"])
+    assert (args.model, args.dataset, args.seed) == ("m", ["d.jsonl"], 5)
+    if tool == "collect":
+        assert args.layers == [0, 3]
+    as_json = tmp_path / f"{tool}.json"
+    extra = '"output_dir": "o"' if tool == "collect" else '"draft": "x"'
+    as_json.write_text('{"model": "m2", "dataset": ["a", "b"], ' + extra + "}")
+    assert parse([str(as_json)]).dataset == ["a", "b"]
+
+
+def test_train_config_file_honours_aliases_and_refuses_unknown_keys(tmp_path, capsys):
+    config = tmp_path / "train.yaml"
+    config.write_text("data_dir: d\nlr: 3.0e-4\nepochs: 2\nbase-model: m\nno_deduplicate: true\nreport_to: none\n")
+    for argv in ([str(config)], [str(config), "--ttt-steps", "3"]):  # with and without overrides: same file values
+        args = parse_train(argv)
+        assert (args.learning_rate, args.num_train_epochs, args.model, args.deduplicate) == (3e-4, 2, "m", False)
+    assert parse_train([str(config), "--lr", "1e-3"]).learning_rate == 1e-3  # the command line wins
+    config.write_text("data_dir: d\nlearning_rat: 3.0e-4\n")
+    message = exit_message(parse_train, [config, "--ttt-steps", "3"], capsys)
+    assert "learning_rat" in message and "did you mean --learning_rate" in message
+    message = exit_message(parse_train, [tmp_path / "missing.yaml"], capsys)
+    assert "missing.yaml does not exist" in message
+
+
+@pytest.mark.parametrize(
+    ("tool", "argv", "expected"),
+    [
+        ("train", ["--data-dir", "d", "--lrr", "1"], ["--lrr", "did you mean --lr?"]),
+        ("train", ["--data-dir", "d", "--ttt-steps", "0"], ["--ttt-steps must be >= 1"]),
+        (
+            "train",
+            ["--data-dir", "d", "--gradient_checkpointing"],
+            ["--gradient_checkpointing", "--head-checkpointing"],
+        ),
+        ("train", ["--data-dir", "d", "--num-train-epoch", "2"], ["did you mean --num-train-epochs?"]),
+        ("collect", ["--model", "m", "--dataset", "d"], ["--output-dir is required"]),
+        ("collect", ["--model", "m", "--dataset", "d", "--output-dir", "o", "--batch-size", "0"], ["--batch-size"]),
+        (
+            "collect",
+            ["--model", "m", "--dataset", "d", "--output-dir", "o", "--layers", "0,x"],
+            ["--layers", "0,13,27"],
+        ),
+        ("collect", ["--modle", "m"], ["did you mean --model?"]),
+        ("eval", ["--model", "m", "--draft", "x", "--dataset", "d", "-k", "0"], ["--num-speculative-tokens"]),
+        ("eval", ["--model", "m", "--dataset", "d"], ["--draft is required"]),
+        ("eval", ["--model", "m", "--draft", "x", "--dataset", "d", "--temperature", "abc"], ["--temperature"]),
+    ],
+)
+def test_bad_flags_exit_2_with_the_flag_and_the_fix(tool, argv, expected, capsys):
+    message = exit_message(PARSERS[tool], argv, capsys)
+    for text in expected:
+        assert text in message, message
+    assert "Traceback" not in message and len(message.splitlines()) <= 3  # one line + the --help hint
+
+
+@pytest.mark.parametrize(
+    ("package", "flags", "fix"),
+    [("matplotlib", ["--plot", "r.png"], "pip install matplotlib"), ("vllm", ["--backend", "vllm"], "--backend hf")],
+)
+def test_missing_packages_are_found_before_the_evaluation(package, flags, fix, monkeypatch, capsys):
+    """sys.modules[name] = None is how Python itself marks a module as not importable."""
+    base = ["--model", "m", "--draft", "x", "--dataset", "d"]
+    assert parse_eval([*base, *flags])  # installed here: accepted
+    monkeypatch.setitem(sys.modules, package, None)
+    message = exit_message(parse_eval, [*base, *flags], capsys)
+    assert flags[0] in message and fix in message
+
+
+def test_help_shows_every_flag_with_a_help_line_and_eagle3_options_first(capsys):
+    from eagle3.argparsing import Eagle3ArgumentParser
+    from eagle3.collect.args import CollectArgs
+    from eagle3.evaluate.args import EvalArgs
+
+    for dtype in (CollectArgs, EvalArgs, Eagle3TrainingArguments):
+        parser = Eagle3ArgumentParser(dtype, prog="x")
+        undocumented = [a.option_strings for a in parser._actions if not a.help]
+        assert not undocumented, f"{dtype.__name__}: no help for {undocumented}"
+    with pytest.raises(SystemExit):
+        parse_train(["--help"])
+    text = capsys.readouterr().out
+    sections = [line for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert sections[:2] == ["options:", f"{EAGLE3_SECTION}:"], sections
+    eagle3_part = text.split(f"{EAGLE3_SECTION}:")[1].split("\n\n")[0]
+    assert "--ttt_steps" in eagle3_part and "(default: 7)" in eagle3_part and "--learning_rate" not in eagle3_part
+
+
+def test_trainer_defaults():
+    args = parse_train(["--data-dir", "d", "--report_to", "none"])
+    assert args.ddp_find_unused_parameters is False and args.greater_is_better is True  # accept_len: higher is better
+    by_loss = parse_train(["--data-dir", "d", "--report_to", "none", "--metric_for_best_model", "loss"])
+    assert by_loss.greater_is_better is False  # inferred by transformers: keep the lowest loss
+
+
+def test_console_scripts_point_at_the_tools():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    scripts = dict(line.split(" = ") for line in config["options.entry_points"]["console_scripts"].strip().splitlines())
+    assert set(scripts) == {"eagle3", "eagle3-collect", "eagle3-train", "eagle3-eval"}
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
