@@ -271,6 +271,15 @@ def test_bad_inputs_have_clear_messages(trained_target, chats, tmp_path, capsys)
     assert time.time() - started < 30
 
 
+def test_a_run_that_skips_every_conversation_fails_with_why(trained_target, chats, tmp_path, capsys):
+    argv = ["--model", trained_target, "--dataset", chats, "--output-dir", tmp_path / "out", "--quiet"]
+    code, _, err = run_main([*argv, "--no-regenerate", "--max-length", "8"], capsys)
+    assert code == 2 and "every conversation" in err and "--max-length 8" in err and "Raise --max-length" in err
+    # nothing was stored, so the next run with the fix may use the same directory
+    code, stdout, _ = run_main([*argv, "--no-regenerate", "--max-length", "512"], capsys)
+    assert code == 0 and "collected 4 samples" in stdout  # the prompt-only record has no answer
+
+
 def test_resume_with_other_settings_is_refused(trained_target, chats, tmp_path, capsys):
     argv = [
         "--model",

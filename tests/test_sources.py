@@ -106,3 +106,59 @@ def test_hugging_face_dataset_folder(tmp_path):
     conversations, _ = load_conversations([str(tmp_path / "ds")], split="train")
     assert len(conversations) == 2
     assert conversations[1].where.endswith("[train][1]")
+
+
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Q1"}, {"from": "gpt", "value": "A1"}]},
+    {"conversations": [{"from": "human", "value": "Q2 ünïcode"}, {"from": "gpt", "value": "A2"}]},
+]
+
+
+def test_sharegpt_json_array_gzip_and_byte_order_mark(tmp_path):
+    """The forms ShareGPT dumps come in: one JSON array (.json), gzip (.jsonl.gz / .json.gz), a UTF-8 BOM."""
+    import gzip
+
+    array = json.dumps(SHAREGPT, indent=2, ensure_ascii=False).encode()
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SHAREGPT).encode()
+    files = {
+        "dump.json": array,
+        "bom.json": b"\xef\xbb\xbf" + array,
+        "bom.jsonl": b"\xef\xbb\xbf" + lines,
+        "crlf.jsonl": lines.replace(b"\n", b"\r\n"),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name, data in {"dump.json.gz": array, "chats.jsonl.gz": lines}.items():
+        with gzip.open(tmp_path / name, "wb") as handle:
+            handle.write(data)
+    expected = [c["conversations"][0]["value"] for c in SHAREGPT]
+    for name in [*files, "dump.json.gz", "chats.jsonl.gz"]:
+        conversations, _ = load_conversations([str(tmp_path / name)])
+        assert [c.messages[0]["content"] for c in conversations] == expected, name
+    conversations, _ = load_conversations([str(tmp_path / "dump.json")])
+    assert [c.where for c in conversations] == [f"{tmp_path / 'dump.json'}:2", f"{tmp_path / 'dump.json'}:14"]
+
+
+def test_non_utf8_byte_names_file_line_and_fix(tmp_path):
+    good = json.dumps({"prompt": "ok"}).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + '{"prompt": "caf\u00e9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(SourceError, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16\); re-encode"):
+        load_conversations([str(path)])
+    conversations, stats = load_conversations([str(path)], skip_bad_lines=True)
+    assert len(conversations) == 1 and stats.skipped == 1
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b"[\n" + good + b",\n" + '{"prompt": "caf\u00e9"}'.encode("latin-1") + b"\n]")
+    with pytest.raises(SourceError, match=r"latin1\.json:3: not UTF-8 \(byte 0xe9 at column 16\)"):
+        load_conversations([str(array)])
+
+
+def test_broken_json_array_and_gzip_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"prompt": "a"},\n {"prompt": "b"\n]')
+    with pytest.raises(SourceError, match=r"broken\.json:4: .*one JSON array"):
+        load_conversations([str(broken)])
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_text('{"prompt": "not compressed"}\n')
+    with pytest.raises(SourceError, match=r"fake\.jsonl\.gz: not a readable gzip file"):
+        load_conversations([str(fake)])

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from eagle3.collect.args import CollectArgs
+from eagle3.collect.common import CollectError
 from eagle3.config import default_target_layers, to_vllm_layer_ids, validate_target_layers
 from eagle3.data.sources import Conversation, LoadStats, load_conversations
 from eagle3.data.store import DiskFullError, StoreWriter, read_manifest
@@ -168,6 +169,24 @@ def make_backend(plan: Plan) -> Backend:
     return VllmBackend.from_args(args, plan.renderer, plan.layers, plan.num_layers, plan.hidden_size)
 
 
+def nothing_stored_message(args: CollectArgs, skipped: int) -> str:
+    """Why a run that read conversations stored none, and what to change."""
+    why = (
+        f"none left room for an answer within --max-length {args.max_length} (the rendered prompt alone is "
+        "that long"
+        + (f", or the answer was cut to nothing by --max-new-tokens {args.max_new_tokens}" if args.regenerate else "")
+        + ")"
+    )
+    if not args.regenerate:
+        why += " or had an assistant turn to train on (--no-regenerate keeps the dataset's answers)"
+    return (
+        f"every conversation ({skipped}) was skipped and nothing was stored: {why}. Raise --max-length "
+        f"(e.g. --max-length {args.max_length * 2}), or use shorter conversations"
+        + ("" if args.regenerate else ", or drop --no-regenerate to have the target write the answers")
+        + f". The empty store in {args.output_dir} is reused by the next run whatever its settings."
+    )
+
+
 def collect(args: CollectArgs) -> Summary:
     """Run a collection (resuming what the output directory already holds) and return its summary."""
     started = time.perf_counter()
@@ -214,6 +233,8 @@ def collect(args: CollectArgs) -> Summary:
             bar.close()
             backend.close()
         writer.close()
+        if new_samples == 0 and skipped_empty and not read_manifest(args.output_dir)["num_samples"]:
+            raise CollectError(nothing_stored_message(args, skipped_empty))
     return Summary(
         output_dir=str(args.output_dir),
         new_samples=new_samples,

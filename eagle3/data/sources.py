@@ -1,6 +1,8 @@
 """Conversations in, chat messages out: the first room of the data flow.
 
-Accepted records (JSONL lines, or rows of a Hugging Face dataset):
+Accepted files: JSONL (one record per line) or one JSON array of records (the usual ShareGPT
+dump, in a ``.json`` file), each optionally gzip-compressed (``.jsonl.gz``, ``.json.gz``), UTF-8
+with or without a byte-order mark; or a Hugging Face dataset. Accepted records:
 
 * ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``
 * OpenAI:   ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}]}``
@@ -13,9 +15,11 @@ store's ``sample_keys`` use, so the same inputs always give the same keys.
 
 from __future__ import annotations
 
+import gzip
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -91,17 +95,91 @@ def normalize_record(record: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any | Exception]]:
-    """(where, parsed object or the parse error) per non-blank line."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield where, SourceError(f"{where}: malformed JSON ({error.msg} at column {error.colno}).")
+FILE_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+NOT_UTF8_FIX = "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)"
+
+
+def _decode(raw: bytes, where: str) -> str | SourceError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return SourceError(
+            f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1}); {NOT_UTF8_FIX}."
+        )
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any | Exception]]:
+    """(where, parsed object or the parse error) per record of a JSONL file or a JSON array file."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
+            lines = iter(handle)
+            head: list[bytes] = []
+            for raw in lines:  # look at the first non-blank line: "[" starts one JSON array
+                head.append(raw.removeprefix(b"\xef\xbb\xbf") if not head else raw)  # UTF-8 byte-order mark
+                if raw.strip():
+                    break
+            if b"".join(head).lstrip()[:1] == b"[":
+                yield from _iter_json_array(path, b"".join(head) + handle.read())
+            else:
+                yield from _iter_jsonl(path, chain(head, lines))  # streamed: JSONL files can be large
+    except (gzip.BadGzipFile, EOFError) as error:
+        raise SourceError(f"--dataset {path}: not a readable gzip file ({error}).") from None
+
+
+def _iter_jsonl(path: Path, lines: Iterable[bytes]) -> Iterator[tuple[str, Any | Exception]]:
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{number}"
+        line = _decode(raw, where)
+        if isinstance(line, SourceError):
+            yield where, line
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as error:
+            yield where, SourceError(f"{where}: malformed JSON ({error.msg} at column {error.colno}).")
+
+
+def _iter_json_array(path: Path, data: bytes) -> Iterator[tuple[str, Any | Exception]]:
+    """Elements of one JSON array, each named by the line it starts on (``file.json:12``).
+
+    A broken array cannot be resynchronised, so its errors end the file even with --skip-bad-lines.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise SourceError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x} at column {column}); {NOT_UTF8_FIX}."
+        ) from None
+    decoder = json.JSONDecoder()
+    position, line, counted_to = text.index("[") + 1, 1, 0
+    while True:
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        if position < len(text) and text[position] == "]":
+            return
+        line += text.count("\n", counted_to, position)
+        counted_to = position
+        where = f"{path}:{line}"
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            raise SourceError(
+                f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno}); the file is one "
+                "JSON array, so nothing after this point can be read. Fix the file (python -m json.tool finds "
+                "the spot)."
+            ) from None
+        yield where, record
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        if position < len(text) and text[position] == ",":
+            position += 1
+        elif position >= len(text) or text[position] != "]":
+            line_at = text.count("\n", 0, position) + 1
+            raise SourceError(f"{path}:{line_at}: malformed JSON array (expected ',' or ']' after an element).")
 
 
 def _iter_hf_dataset(name: str, split: str) -> Iterator[tuple[str, Any]]:
@@ -121,8 +199,8 @@ def _iter_hf_dataset(name: str, split: str) -> Iterator[tuple[str, Any]]:
         yield f"{name}[{split}][{row}]", record
 
 
-def _is_jsonl(name: str) -> bool:
-    return name.endswith((".jsonl", ".json", ".jsonl.gz")) or Path(name).is_file()
+def _is_file(name: str) -> bool:
+    return name.endswith(FILE_SUFFIXES) or Path(name).is_file()
 
 
 def load_conversations(
@@ -136,11 +214,11 @@ def load_conversations(
     conversations: list[Conversation] = []
     stats = LoadStats()
     for source in sources:
-        if _is_jsonl(source):
+        if _is_file(source):
             path = Path(source)
             if not path.exists():
                 raise SourceError(f"--dataset {source}: file not found.")
-            records = _iter_jsonl(path)
+            records = _iter_file(path)
         else:
             records = _iter_hf_dataset(source, split)
         for where, record in records:

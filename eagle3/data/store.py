@@ -168,6 +168,12 @@ class StoreWriter:
             _write_json_atomic(path, manifest)
             return manifest
         manifest = read_manifest(self.directory)
+        if not manifest["shards"] and not any(self.directory.glob("shard-*")):
+            # Nothing was ever stored (e.g. a run that skipped every conversation): nothing to
+            # protect, so the new settings simply replace the old ones.
+            manifest = _with_totals({"format_version": FORMAT_VERSION, **self.header, "shards": []})
+            _write_json_atomic(path, manifest)
+            return manifest
         differing = sorted(
             key
             for key in self.header
