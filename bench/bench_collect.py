@@ -1,12 +1,22 @@
-"""Benchmarks of the collection (issue 3).
+"""Benchmarks of the collection.
 
 1. Bytes per stored token against the floor (n_aux + 1) * H * 2 + 4 (int32 id) + 1 (mask):
    a real ``run_collect.py`` run (bf16, hf backend), read back from manifest.json.
 2. hf backend capture throughput against a bare forward of the base model over the SAME
    padded batches in the same process, interleaved and repeated (median), so CPU noise from
    other processes hits both sides alike. Aim: capture >= 0.85 of the bare forward.
+3. ``--vllm``: the vLLM backend against vLLM itself. Two real servers of the same target run
+   side by side: ours (the ``--print-server-command`` command: ``extract_hidden_states`` + our
+   connector) and a plain one (same flags, no extraction). Per concurrency (requests in flight
+   per server), rounds alternate between the two on fresh data, median over rounds:
+   (a) capture: our client (``VllmBackend`` with --no-regenerate: request, file read, split)
+       tokens/s vs the plain server's prefill (the same token ids, max_tokens=1) tokens/s;
+   (b) regeneration: our client's generation requests (no save) vs the same requests on the
+       plain server, generated tokens/s.
 
     python bench/bench_collect.py [--model PATH] [--hidden-size 512] [--samples 64] [--batch-size 8]
+    python bench/bench_collect.py --vllm [--model PATH] [--hidden-size 512] [--samples 32] \
+        [--concurrency 4,16,64] [--max-new-tokens 64]
 """
 
 from __future__ import annotations
@@ -90,6 +100,127 @@ def capture_vs_forward(model: str, conversations: list[dict], batch_size: int, r
     }
 
 
+# ---------------------------------------------------------------------- 3. vLLM backend vs vLLM
+def _post_all(url: str, payloads: list[dict], concurrency: int) -> tuple[float, list[dict]]:
+    """Send every payload to /v1/completions with ``concurrency`` in flight; (seconds, answers)."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> tuple[float, list[dict]]:
+        gate = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+
+            async def one(payload: dict) -> dict:
+                async with gate, session.post(url + "/v1/completions", json=payload) as response:
+                    response.raise_for_status()
+                    return await response.json()
+
+            start = time.perf_counter()
+            answers = await asyncio.gather(*(one(p) for p in payloads))
+            return time.perf_counter() - start, answers
+
+    return asyncio.run(run())
+
+
+def _without_flags(command: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``command`` without ``flags`` and the value after each."""
+    out, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def vllm_vs_vllm(
+    model: str, samples: int, concurrencies: list[int], repeats: int, max_new_tokens: int, server_args: str
+) -> list[dict]:
+    from eagle3.collect.args import parse_args
+    from eagle3.collect.loop import resolve_layers
+    from eagle3.collect.vllm_client import VllmBackend, server_command_for
+    from eagle3.data.sources import Conversation
+    from eagle3.testing import free_port, vllm_server
+
+    config = load_target_config(model)
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(model))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--model", model, "--output-dir", f"{tmp}/out", "--hidden-states-dir", f"{tmp}/hidden", "--quiet"]
+        base += ["--max-length", str(min(4096, config.max_position_embeddings - 1))]
+        ours_command = server_command_for(
+            parse_args([*base, "--print-server-command", "--host", "127.0.0.1", "--port", str(free_port()),
+                        f"--server-args={server_args}"])
+        )  # fmt: skip
+        plain_command = _without_flags(ours_command, ("--speculative-config", "--kv-transfer-config", "--port"))
+        plain_command += ["--port", str(free_port())]
+        layers = resolve_layers(parse_args(base), config.num_hidden_layers)
+        with (
+            vllm_server(ours_command, f"{tmp}/ours.log") as ours,
+            vllm_server(plain_command, f"{tmp}/plain.log") as plain,
+        ):
+            name = model  # what both servers serve it as
+            for concurrency in concurrencies:
+                args = parse_args(
+                    [*base, "--backend", "vllm", "--server-url", ours["url"], "--no-regenerate",
+                     "--concurrent-requests", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
+                )  # fmt: skip
+                backend = VllmBackend(args, renderer, layers, config.num_hidden_layers, config.hidden_size)
+                try:
+                    rows = [
+                        _one_round(backend, plain["url"], name, renderer, concurrency, max_new_tokens,
+                                   synthetic_conversations(samples, seed=10_000 * concurrency + r, turns=2), Conversation)
+                        for r in range(repeats)
+                    ]  # fmt: skip
+                finally:
+                    backend.close()
+                results.append(
+                    {"concurrency": concurrency} | {k: statistics.median(row[k] for row in rows) for k in rows[0]}
+                )
+    return results
+
+
+def _one_round(backend, plain_url, name, renderer, concurrency, max_new_tokens, rows, conversation_cls) -> dict:
+    import asyncio
+
+    conversations = [conversation_cls(key, row["messages"], f"bench[{key}]") for key, row in enumerate(rows)]
+    # (a) capture: our client end to end vs the plain server's prefill of the same ids
+    sequences = [renderer.render(c.messages).input_ids for c in conversations]
+    tokens = sum(len(s) for s in sequences)
+    payloads = [{"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0} for ids in sequences]
+    plain_s, _ = _post_all(plain_url, payloads, concurrency)
+    start = time.perf_counter()
+    stored = [s for s in backend.samples(conversations) if s is not None]
+    ours_s = time.perf_counter() - start
+    assert sum(len(s.input_ids) for s in stored) == tokens
+    # (b) regeneration: our generation requests (no save) vs the same requests on the plain server
+    prompts = [renderer.prompt_ids(c.messages[:1]) for c in conversations]
+    start = time.perf_counter()
+    answers = backend.loop.run_until_complete(
+        asyncio.gather(*(backend._generate(p, c.key, 0, None) for p, c in zip(prompts, conversations, strict=True)))
+    )
+    ours_gen_s = time.perf_counter() - start
+    ours_gen_tokens = sum(len(ids) for _, ids in answers)
+    payloads = [
+        {"model": name, "prompt": p, "max_tokens": max_new_tokens, "temperature": 0.0, "seed": 0,
+         "stop_token_ids": sorted(backend.stop_ids)}
+        for p in prompts
+    ]  # fmt: skip
+    plain_gen_s, plain_answers = _post_all(plain_url, payloads, concurrency)
+    plain_gen_tokens = sum(a["usage"]["completion_tokens"] for a in plain_answers)
+    return {
+        "prefill_tok_s": tokens / plain_s,
+        "capture_tok_s": tokens / ours_s,
+        "capture_ratio": plain_s / ours_s,
+        "plain_gen_tok_s": plain_gen_tokens / plain_gen_s,
+        "ours_gen_tok_s": ours_gen_tokens / ours_gen_s,
+        "gen_ratio": (ours_gen_tokens / ours_gen_s) / (plain_gen_tokens / plain_gen_s),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="target folder (default: a cached tiny random Qwen3)")
@@ -99,9 +230,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--vllm", action="store_true", help="benchmark the vLLM backend against vLLM itself (3.)")
+    parser.add_argument("--concurrency", default="4,16,64", help="--vllm: requests in flight per server, to compare")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="--vllm: tokens per regeneration request")
+    parser.add_argument(
+        "--server-args", default="", help="--vllm: extra flags for BOTH servers, e.g. '--enforce-eager'"
+    )
     args = parser.parse_args()
     sizes = {} if args.hidden_size == 128 else {"hidden_size": args.hidden_size}  # 128: the tests' cached target
     model = args.model or str(tiny_target(trained=False, **sizes))
+    if args.vllm:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+        rows = vllm_vs_vllm(model, args.samples, concurrencies, args.repeats, args.max_new_tokens, args.server_args)
+        print(f"model {model}; {args.samples} conversations per round, median of {args.repeats} rounds")
+        print("in flight | capture tok/s | plain prefill tok/s | ratio | regen tok/s ours | plain | ratio")
+        for r in rows:
+            print(
+                f"{r['concurrency']:9d} | {r['capture_tok_s']:13.0f} | {r['prefill_tok_s']:19.0f} | "
+                f"{r['capture_ratio']:5.2f} | {r['ours_gen_tok_s']:16.0f} | {r['plain_gen_tok_s']:5.0f} | "
+                f"{r['gen_ratio']:5.2f}"
+            )
+        return
     with tempfile.TemporaryDirectory() as tmp:
         conversations = synthetic_conversations(args.samples, seed=1, turns=2)
         size = bytes_per_token(model, write_jsonl(Path(tmp) / "chats.jsonl", conversations))

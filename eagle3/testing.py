@@ -12,12 +12,14 @@ the build recipe, and written atomically so concurrent test workers never see ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -217,3 +219,59 @@ def tiny_target(trained: bool = False, **kwargs) -> Path:
     except OSError:  # another process finished first; its copy is identical
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def vllm_server(
+    command: list[str], log_path: str | Path, timeout: float = 240.0, env: dict[str, str] | None = None
+) -> Iterator[dict]:
+    """Run a vLLM server command (its own process group, log in ``log_path``) until it answers
+    /health; always stopped afterwards. Yields {"url", "process"}; the command needs ``--port``."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = command[command.index("--port") + 1]
+    host = command[command.index("--host") + 1] if "--host" in command else "127.0.0.1"
+    url = f"http://{host}:{port}"
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, **(env or {})},
+        )
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited ({process.returncode}):\n{log_path.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"vLLM server not healthy after {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield {"url": url, "process": process}
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -336,6 +336,24 @@ def test_ranks_take_disjoint_shares(trained_target, chats, tmp_path, capsys, mon
     assert HiddenStateStore(tmp_path).manifest["ranks"] == [0, 1]
 
 
+def test_num_shards_flags_split_without_torchrun(trained_target, chats, tmp_path, capsys, monkeypatch):
+    """--num-shards/--shard-index: the split of the launcher's RANK/WORLD_SIZE, for clients on several
+    nodes started without torchrun; checked before anything is loaded."""
+    argv = ["--model", trained_target, "--dataset", chats, "--output-dir", tmp_path, "--no-regenerate", "--quiet"]
+    assert run_main([*argv, "--num-shards", "2", "--shard-index", "1"], capsys)[0] == 0
+    assert [p.name[:9] for p in tmp_path.glob("shard-*")] == ["shard-r01"]
+    store = HiddenStateStore(tmp_path)
+    assert [store[i].key for i in range(len(store))] == [1]
+    code, _, err = run_main([*argv, "--num-shards", "2"], capsys)
+    assert code == 2 and "--num-shards and --shard-index go together" in err
+    code, _, err = run_main([*argv, "--num-shards", "2", "--shard-index", "2"], capsys)
+    assert code == 2 and "--shard-index must be in 0..1" in err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    code, _, err = run_main([*argv, "--num-shards", "2", "--shard-index", "1"], capsys)
+    assert code == 2 and "disagree with the launcher's WORLD_SIZE=4 RANK=3" in err
+
+
 def test_sampling_is_seeded(trained_target, chats, tmp_path, capsys):
     argv = [
         "--model",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import re
 import shlex
 import signal
-import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -18,8 +20,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.collect.cli import main
+from eagle3.collect.vllm_client import client_tag
 from eagle3.data.store import HiddenStateStore
-from eagle3.testing import synthetic_conversations, write_jsonl
+from eagle3.testing import free_port, synthetic_conversations, vllm_server, write_jsonl
+from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -28,12 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = "0,3,7"  # includes the last layer: stored once as aux, once as the last hidden state
 # CPU test server: no compilation (start-up in ~30 s instead of ~90 s), a small context.
 SERVER_ARGS = "--enforce-eager --max-model-len 1024"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _Result:
@@ -56,11 +54,9 @@ def _run(*argv: str | Path, check: bool = True) -> _Result:
     return result
 
 
-@pytest.fixture(scope="module")
-def server(trained_target, tmp_path_factory):
-    """One server for the module, started with run_collect.py --print-server-command, always stopped."""
-    port = _free_port()
-    hidden_dir = tmp_path_factory.mktemp("hidden-states")
+@contextlib.contextmanager
+def _serve(trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm"):
+    """A real vLLM server started with run_collect.py --print-server-command, always stopped."""
     printed = _run(
         "--model",
         trained_target,
@@ -70,45 +66,24 @@ def server(trained_target, tmp_path_factory):
         LAYERS,
         "--print-server-command",
         "--port",
-        port,
+        free_port(),
         "--host",
         "127.0.0.1",
         "--hidden-states-dir",
         hidden_dir,
     ).stdout
-    log_path = tmp_path_factory.mktemp("logs") / "vllm.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            shlex.split(printed),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(REPO)},
-        )
-    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("logs") / f"{name}.log"
     try:
-        deadline = time.time() + 240
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vLLM server exited ({process.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"vLLM server not healthy after 240 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield {"url": url, "hidden_dir": hidden_dir}
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with vllm_server(shlex.split(printed), log_path, env={"PYTHONPATH": str(REPO)}) as started:
+            yield {**started, "hidden_dir": hidden_dir}
+    except RuntimeError as error:  # did not start: show its log
+        pytest.fail(str(error))
+
+
+@pytest.fixture(scope="module")
+def server(trained_target, tmp_path_factory):
+    with _serve(trained_target, tmp_path_factory, tmp_path_factory.mktemp("hidden-states")) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +181,238 @@ def test_server_checks_catch_wrong_layers_and_model(trained_target, random_targe
     args[1] = str(random_target)
     result = _run(*args, check=False)
     assert result.returncode == 2 and f"not --model {random_target}" in result.stderr
+
+
+def test_printed_server_and_client_defaults_agree_on_length(trained_target, tmp_path, capsys):
+    """The tiny target has 2048 positions: the printed server serves 2048 and --max-length 4096
+    (the default) is capped at 2047, saying so, instead of the client refusing that server."""
+    printed = _run("--model", trained_target, "--output-dir", tmp_path, "--print-server-command")
+    assert "--max-model-len 2048" in printed.stdout
+    assert "--max-length 4096 capped at 2047" in printed.stderr
+    assert (
+        "--max-model-len 1024"
+        in _run(
+            "--model", trained_target, "--output-dir", tmp_path, "--print-server-command", "--max-length", "1023"
+        ).stdout
+    )
+    own = _run(
+        "--model",
+        trained_target,
+        "--output-dir",
+        tmp_path,
+        "--print-server-command",
+        "--server-args=--max-model-len 512",
+    ).stdout.split()
+    assert own.count("--max-model-len") == 1 and own[own.index("--max-model-len") + 1] == "512"
+
+
+# ---------------------------------------------------------------------- many servers, faults, many clients
+# One more real server next to `server`, both writing into the same --hidden-states-dir, and one
+# clean run over both as the reference every fault must reproduce exactly (keys and token ids).
+POOL_ARGS = ("--max-new-tokens", "16", "--concurrent-requests", "2", "--max-retries", "1")
+
+
+@pytest.fixture(scope="module")
+def second_server(trained_target, server, tmp_path_factory):
+    with _serve(trained_target, tmp_path_factory, server["hidden_dir"], name="vllm-b") as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def pool_chats(tmp_path_factory):
+    rows = synthetic_conversations(8, seed=5, turns=2)
+    return write_jsonl(tmp_path_factory.mktemp("pool-data") / "chats.jsonl", rows)
+
+
+def _pool_args(trained_target, urls, hidden_dir, chats, out, *extra):
+    return [
+        *_vllm_args(trained_target, {"url": urls[0], "hidden_dir": hidden_dir}, chats, out),
+        "--server-url",
+        *urls,
+        *POOL_ARGS,
+        *extra,
+    ]
+
+
+def _stored(out: Path) -> dict[int, list[int]]:
+    """key -> token ids of every stored sample; fails on a sample stored twice."""
+    store = HiddenStateStore(out, deduplicate=False)
+    samples = {}
+    for i in range(len(store)):
+        sample = store[i]
+        assert sample.key not in samples, f"key {sample.key} stored twice"
+        samples[sample.key] = sample.input_ids.tolist()
+    return samples
+
+
+def _our_files(hidden_dir: Path) -> list[Path]:
+    return [p for p in Path(hidden_dir).iterdir() if "eagle3-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def reference(trained_target, server, second_server, pool_chats, tmp_path_factory):
+    """A clean run over both servers; both take requests (least-loaded dispatch)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    urls = [server["url"], second_server["url"]]
+    result = _run(*_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, out))
+    served = dict(re.findall(r"(http://127\.0\.0\.1:\d+) (\d+) requests", result.stdout))
+    assert all(int(served[url]) >= 3 for url in urls), result.stdout  # probe + real work on each
+    samples = _stored(out)
+    assert len(samples) == 8
+    return samples
+
+
+def test_server_pool_marks_down_and_rejoins(trained_target, server, reference, tmp_path):
+    """Pool level, real server behind a real proxy: failing -> down (in-flight request moved off
+    it as ServerDown), healthy again -> the background probe lets it rejoin."""
+    import asyncio
+
+    from eagle3.collect.server_pool import ServerDown, ServerPool
+
+    async def check(srv, send):
+        srv.served_name = (await send("GET", "/v1/models"))["data"][0]["id"]
+
+    async def scenario(proxy):
+        pool = ServerPool([proxy.url], capacity=2, request_timeout=30, max_retries=1, check=check)
+        await pool.start()
+        try:
+            (srv,) = pool.servers
+            assert srv.live
+            proxy.failing = True
+            with pytest.raises(ServerDown):
+                await pool.request(srv, "GET", "/v1/models")
+            assert not srv.live and "HTTP 500" in srv.last_error
+            proxy.failing = False
+            for _ in range(100):
+                if srv.live:
+                    break
+                await asyncio.sleep(0.1)
+            assert srv.live, pool.events
+            assert (await pool.request(srv, "GET", "/v1/models"))["data"]
+            assert any("rejoins" in event for event in pool.events)
+        finally:
+            await pool.close()
+
+    with FaultProxy(server["url"]) as proxy:
+        asyncio.run(scenario(proxy))
+
+
+@pytest.mark.parametrize("fault", ["500", "hang"])
+def test_server_failing_for_a_while_changes_nothing_stored(
+    trained_target, server, second_server, pool_chats, reference, tmp_path, fault
+):
+    """One of two servers answers HTTP 500 (or hangs past --request-timeout) for a while in the
+    middle of the run: it is marked down, its conversations finish on the other server, and the
+    store is exactly the clean run's."""
+    with FaultProxy(server["url"], fault=fault, after=6, duration=8.0) as proxy:
+        urls = [proxy.url, second_server["url"]]
+        result = _run(
+            *_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, tmp_path / "out"),
+            "--request-timeout",
+            "2",
+        )
+    assert proxy.faulted > 0
+    assert f"vLLM server {proxy.url} is down" in result.stderr
+    assert ("HTTP 500" if fault == "500" else "timed out") in result.stderr
+    assert _stored(tmp_path / "out") == reference
+    assert not _our_files(server["hidden_dir"])
+
+
+def test_no_server_left_stops_cleanly_and_the_rerun_resumes(trained_target, server, pool_chats, reference, tmp_path):
+    with FaultProxy(server["url"], fault="500", after=10, duration=600.0) as proxy:
+        args = _pool_args(trained_target, [proxy.url], server["hidden_dir"], pool_chats, tmp_path / "out")
+        result = _run(*args, "--concurrent-requests", "1", check=False)
+    assert result.returncode == 2
+    assert f"no vLLM server is live ({proxy.url}: HTTP 500: injected fault)" in result.stderr
+    assert "rerun the same command to resume" in result.stderr
+    first = _stored(tmp_path / "out")
+    assert 1 <= len(first) < 8 and all(reference[key] == ids for key, ids in first.items())
+    args[args.index(proxy.url)] = server["url"]
+    result = _run(*args)
+    assert f"collected {8 - len(first)} samples" in result.stdout
+    assert _stored(tmp_path / "out") == reference
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def _start_client(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "run_collect.py"), *map(str, argv)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+
+def test_two_clients_split_the_data_into_one_store(
+    trained_target, server, second_server, pool_chats, reference, tmp_path
+):
+    """Two nodes' worth: one client per server, --num-shards 2, one shared output directory and
+    one shared --hidden-states-dir (each client touches only its own files there)."""
+    out = tmp_path / "out"
+    clients = [
+        _start_client(
+            _pool_args(trained_target, [url], server["hidden_dir"], pool_chats, out)
+            + ["--num-shards", "2", "--shard-index", str(index)],
+            tmp_path / f"client{index}.log",
+        )
+        for index, url in enumerate([server["url"], second_server["url"]])
+    ]
+    for index, client in enumerate(clients):
+        assert client.wait(timeout=600) == 0, (tmp_path / f"client{index}.log").read_text()[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ranks"] == [0, 1] and manifest["num_samples"] == 8
+    assert {s["name"][:9] for s in manifest["shards"]} == {"shard-r00", "shard-r01"}
+    assert _stored(out) == reference
+
+
+def test_client_killed_and_restarted_removes_only_its_orphans(trained_target, server, pool_chats, reference, tmp_path):
+    out = tmp_path / "out"
+    argv = _pool_args(trained_target, [server["url"]], server["hidden_dir"], pool_chats, out, "--shard-tokens", "1")
+    client = _start_client(argv, tmp_path / "client.log")
+    deadline = time.time() + 300
+    while not list(out.glob("shard-r00-*.safetensors")):
+        assert client.poll() is None and time.time() < deadline, (tmp_path / "client.log").read_text()[-3000:]
+        time.sleep(0.2)
+    client.kill()
+    client.wait()
+    hidden = Path(server["hidden_dir"])
+    ours = client_tag(out, 0)
+    planted = [hidden / f"cmpl-{ours}7-c-0a1b2c3d.safetensors", hidden / f"cmpl-{ours}7-c-0a1b2c3d.safetensors.lock"]
+    foreign = [hidden / f"cmpl-{client_tag(out, 1)}3-c-0a1b2c3d.safetensors", hidden / "someone-else.safetensors"]
+    for path in planted + foreign:
+        path.write_bytes(b"")
+    result = _run(*argv)
+    assert "files this client's earlier run left" in result.stdout
+    assert not any(p.exists() for p in planted) and all(p.exists() for p in foreign)
+    for path in foreign:
+        path.unlink()
+    assert _stored(out) == reference
+
+
+def test_server_killed_mid_run_the_other_finishes(
+    trained_target, server, second_server, pool_chats, reference, tmp_path
+):
+    """SIGKILL one of two servers while it holds requests: the run finishes on the other and
+    stores exactly the clean run's samples. LAST in this module: the killed server stays down."""
+    out = tmp_path / "out"
+    urls = [server["url"], second_server["url"]]
+    client = _start_client(_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, out), tmp_path / "c.log")
+    try:
+        deadline = time.time() + 300
+        while _metric(second_server["url"], "vllm:request_success_total") < 4:  # probe + some real work
+            assert client.poll() is None and time.time() < deadline, (tmp_path / "c.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(second_server["process"].pid, signal.SIGKILL)
+        assert client.wait(timeout=600) == 0, (tmp_path / "c.log").read_text()[-3000:]
+    finally:
+        if client.poll() is None:
+            client.kill()
+    log = (tmp_path / "c.log").read_text()
+    assert f"vLLM server {second_server['url']} is down" in log, log[-3000:]
+    assert _stored(out) == reference

@@ -92,6 +92,22 @@ class CollectArgs:
     shard_tokens: int = field(
         default=1 << 16, metadata={"section": STORE, "help": "Tokens per shard (a kill loses at most one)."}
     )
+    num_shards: int | None = field(
+        default=None,
+        metadata={
+            "section": STORE,
+            "help": "Split the dataset between this many clients, e.g. one per node (default: the launcher's "
+            "WORLD_SIZE, else 1). Shard i writes shard-rII-* files; all may share one --output-dir.",
+        },
+    )
+    shard_index: int | None = field(
+        default=None,
+        metadata={
+            "section": STORE,
+            "help": "This client's shard, 0..num-shards-1: it collects the conversations whose key mod num-shards is this index "
+            "(default: the launcher's RANK).",
+        },
+    )
     # --- backend ---
     backend: str = field(
         default="hf",
@@ -114,7 +130,11 @@ class CollectArgs:
     )
     server_url: list[str] = field(
         default_factory=list,
-        metadata={"section": BACKEND, "help": "vllm: server base URL(s), e.g. http://127.0.0.1:8000; spread across."},
+        metadata={
+            "section": BACKEND,
+            "help": "vllm: server base URL(s), e.g. http://127.0.0.1:8000; each request goes to the "
+            "least-loaded live one, a failing server is worked around (see docs/COLLECT.md).",
+        },
     )
     concurrent_requests: int = field(
         default=4, metadata={"section": BACKEND, "help": "vllm: requests in flight per server."}
@@ -161,6 +181,13 @@ class CollectArgs:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if (self.num_shards is None) != (self.shard_index is None):
+            raise ValueError("--num-shards and --shard-index go together")
+        if self.num_shards is not None and not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(
+                f"--shard-index must be in 0..{self.num_shards - 1} (--num-shards {self.num_shards}), "
+                f"got {self.shard_index}"
+            )
         if not self.model:
             raise ValueError("--model is required: the target model's folder or Hugging Face id")
         if self.print_server_command:

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +57,7 @@ class Summary:
     skipped_bad_lines: int
     seconds: float
     manifest: dict[str, Any]
+    backend_lines: list[str] = field(default_factory=list)  # e.g. the vLLM servers and their requests
 
     def text(self) -> str:
         m = self.manifest
@@ -73,12 +74,29 @@ class Summary:
             lines.append(f"skipped {self.skipped_empty} conversations with no assistant token (after --max-length)")
         if self.skipped_bad_lines:
             lines.append(f"skipped {self.skipped_bad_lines} malformed records (--skip-bad-lines)")
+        lines += self.backend_lines
         return "\n".join(lines)
 
 
 def distributed_rank() -> tuple[int, int]:
     """(rank, world size) as set by torchrun / accelerate launch; (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_of(args: CollectArgs) -> tuple[int, int]:
+    """(this client's shard, number of shards): --shard-index/--num-shards, else torchrun's env.
+
+    Shard i takes the conversations with key % num_shards == i and writes ``shard-rII-*`` files,
+    so clients on several nodes can share one output directory (one manifest, under its lock)."""
+    rank, world_size = distributed_rank()
+    if args.num_shards is None:
+        return rank, world_size
+    if world_size > 1 and (rank, world_size) != (args.shard_index, args.num_shards):
+        raise CollectError(
+            f"--num-shards {args.num_shards} --shard-index {args.shard_index} disagree with the launcher's "
+            f"WORLD_SIZE={world_size} RANK={rank}: use one or the other."
+        )
+    return args.shard_index, args.num_shards
 
 
 def resolve_layers(args: CollectArgs, num_layers: int) -> list[int]:
@@ -118,13 +136,17 @@ def store_header(args: CollectArgs, config, layers: list[int], tokenizer) -> dic
 
 def prepare(args: CollectArgs) -> Plan:
     config = load_target_config(args.model)
+    if args.backend == "vllm":  # what a server for this target serves at most (see --print-server-command)
+        from eagle3.collect.vllm_client import served_max_length
+
+        args = replace(args, max_length=served_max_length(args.max_length, config))
     layers = resolve_layers(args, config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking, max_length=args.max_length)
     conversations, stats = load_conversations(
         args.dataset, split=args.dataset_split, skip_bad_lines=args.skip_bad_lines
     )
-    rank, world_size = distributed_rank()
+    rank, world_size = shard_of(args)
     writer = StoreWriter(
         args.output_dir, store_header(args, config, layers, tokenizer), rank=rank, shard_max_tokens=args.shard_tokens
     )
@@ -166,7 +188,7 @@ def make_backend(plan: Plan) -> Backend:
         )
     from eagle3.collect.vllm_client import VllmBackend
 
-    return VllmBackend.from_args(args, plan.renderer, plan.layers, plan.num_layers, plan.hidden_size)
+    return VllmBackend.from_args(args, plan.renderer, plan.layers, plan.num_layers, plan.hidden_size, rank=plan.rank)
 
 
 def nothing_stored_message(args: CollectArgs, skipped: int) -> str:
@@ -191,6 +213,8 @@ def collect(args: CollectArgs) -> Summary:
     """Run a collection (resuming what the output directory already holds) and return its summary."""
     started = time.perf_counter()
     plan = prepare(args)
+    args = plan.args
+    backend_lines: list[str] = []
     writer = plan.writer
     stored = writer.stored_tokens()
     new_samples = new_tokens = skipped_empty = 0
@@ -232,6 +256,7 @@ def collect(args: CollectArgs) -> Summary:
         finally:
             bar.close()
             backend.close()
+            backend_lines = getattr(backend, "summary_lines", list)()
         writer.close()
         if new_samples == 0 and skipped_empty and not read_manifest(args.output_dir)["num_samples"]:
             raise CollectError(nothing_stored_message(args, skipped_empty))
@@ -243,4 +268,5 @@ def collect(args: CollectArgs) -> Summary:
         skipped_bad_lines=plan.load_stats.skipped,
         seconds=time.perf_counter() - started,
         manifest=read_manifest(args.output_dir),
+        backend_lines=backend_lines,
     )

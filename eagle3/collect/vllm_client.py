@@ -22,19 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import glob
+import hashlib
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
-import aiohttp
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from eagle3.collect.args import CollectArgs
-from eagle3.collect.common import CollectError, cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
+from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
+from eagle3.collect.server_pool import NoServerLive, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
@@ -45,10 +50,6 @@ from eagle3.data.template import ChatRenderer
 CONNECTOR_MODULE = "eagle3.collect.vllm_connector"
 CONNECTOR_CLASS = "Eagle3HiddenStatesConnector"
 SKIP_SAVE = "eagle3_skip_save"  # kv_transfer_params flag: the connector saves nothing for this request
-
-
-class ServerError(CollectError):
-    """A vLLM server that cannot be used; the message says what to do."""
 
 
 def capture_layer_ids(layers: list[int], num_layers: int) -> list[int]:
@@ -71,8 +72,10 @@ def server_command(
     port: int = 8000,
     host: str | None = None,
     extra_args: str = "",
+    max_model_len: int | None = None,
 ) -> list[str]:
-    """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags)."""
+    """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags,
+    a ``--max-model-len`` there wins over ``max_model_len``)."""
     import json
     import shlex
 
@@ -87,17 +90,34 @@ def server_command(
         "kv_role": "kv_producer",
         "kv_connector_extra_config": {"shared_storage_path": storage_path},
     }
+    extra = shlex.split(extra_args)
     command = _launcher(model) + ["--port", str(port)]
     if host:
         command += ["--host", host]
+    if max_model_len is not None and not any(a.split("=")[0] == "--max-model-len" for a in extra):
+        command += ["--max-model-len", str(max_model_len)]
     return command + [
         "--no-enable-chunked-prefill",
         "--speculative-config",
         json.dumps(speculative, separators=(",", ":")),
         "--kv-transfer-config",
         json.dumps(transfer, separators=(",", ":")),
-        *shlex.split(extra_args),
+        *extra,
     ]
+
+
+def served_max_length(max_length: int, config) -> int:
+    """--max-length capped so that a capture (max_length + 1 tokens) fits the target's positions,
+    which is the most a vLLM server serves: the printed server and the client then agree."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length + 1 > positions:
+        print(
+            f"run_collect.py: --max-length {max_length} capped at {positions - 1}: the target has "
+            f"{positions} positions and a capture needs max_length + 1 of them.",
+            file=sys.stderr,
+        )
+        return positions - 1
+    return max_length
 
 
 def server_command_for(args: CollectArgs) -> list[str]:
@@ -108,8 +128,40 @@ def server_command_for(args: CollectArgs) -> list[str]:
     layers = resolve_layers(args, config.num_hidden_layers)
     ids = capture_layer_ids(layers, config.num_hidden_layers)
     return server_command(
-        args.model, ids, args.hidden_states_dir, port=args.port, host=args.host, extra_args=args.server_args
+        args.model,
+        ids,
+        args.hidden_states_dir,
+        port=args.port,
+        host=args.host,
+        extra_args=args.server_args,
+        max_model_len=served_max_length(args.max_length, config) + 1,
     )
+
+
+# ---------------------------------------------------------------------- connector files
+def client_tag(output_dir: str | os.PathLike, rank: int) -> str:
+    """Prefix of this client's request ids, hence of the connector's file names (``cmpl-<id>-<random>``):
+    one per output directory and rank, so a client removes its own orphans and never the files of
+    another client sharing ``--hidden-states-dir`` (another rank, another output directory)."""
+    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
+    return f"eagle3-{digest}-r{rank:02d}-"
+
+
+def remove_orphans(hidden_states_dir: str, tag: str) -> int:
+    """Delete this client's files left by an earlier run (killed between the server's write and
+    our read, or requests abandoned when a server went down); returns how many."""
+    removed = 0
+    for path in glob.glob(os.path.join(glob.escape(hidden_states_dir), f"*{tag}*.safetensors*")):
+        try:
+            os.remove(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class _LostFile(Exception):
+    """The server answered but its file is missing or incomplete (it died while writing)."""
 
 
 def _read_hidden_states(path: str) -> dict[str, torch.Tensor]:
@@ -120,19 +172,30 @@ def _read_hidden_states(path: str) -> dict[str, torch.Tensor]:
             f"the server wrote {path}, which is not visible on this machine: run_collect.py and the "
             "vLLM server must share a filesystem (see --hidden-states-dir)."
         )
-    if os.path.exists(lock_path):
-        with open(lock_path) as lock:
-            fcntl.flock(lock, fcntl.LOCK_SH)  # sleeps until the writer thread is done
+    try:
+        if os.path.exists(lock_path):
+            with open(lock_path) as lock:
+                fcntl.flock(lock, fcntl.LOCK_SH)  # sleeps until the writer thread is done (or died)
+                data = load_file(path)
+            os.remove(lock_path)
+        else:
             data = load_file(path)
-        os.remove(lock_path)
-    else:
-        data = load_file(path)
+    except (FileNotFoundError, SafetensorError) as error:
+        for leftover in (path, lock_path):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise _LostFile(f"{path}: {error}") from None
     os.remove(path)
     return data
 
 
-class _Retryable(Exception):
-    pass
+@dataclass
+class _Captured:
+    """A conversation whose capture is done: its file is read when its turn in the output comes."""
+
+    key: int
+    rendered: Any  # template.Rendered
+    path: str
 
 
 class VllmBackend:
@@ -143,9 +206,9 @@ class VllmBackend:
         layers: list[int],
         num_layers: int,
         hidden_size: int,
+        rank: int = 0,
     ):
         self.args = args
-        self.urls = [url.rstrip("/") for url in args.server_url]
         self.renderer = renderer
         self.layers = layers
         self.num_layers = num_layers
@@ -157,20 +220,26 @@ class VllmBackend:
         self.stop_ids = {renderer.end_of_turn_id} | (
             {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         )
+        self.tag = client_tag(args.output_dir, rank)
+        self.orphans_removed = remove_orphans(args.hidden_states_dir, self.tag)
+        self.pool = ServerPool(
+            args.server_url,
+            capacity=args.concurrent_requests,
+            request_timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            check=self._check,
+            hint=self._command_hint(),
+        )
         self.loop = asyncio.new_event_loop()
-        self.session: aiohttp.ClientSession | None = None
-        self.semaphores: list[asyncio.Semaphore] = []
-        self.served_names: list[str] = []
-        self.max_model_lens: list[int | None] = []
         try:
-            self.loop.run_until_complete(self._start())
+            self.loop.run_until_complete(self.pool.start())
         except BaseException:
             self.close()
             raise
 
     @classmethod
-    def from_args(cls, args, renderer, layers, num_layers, hidden_size) -> VllmBackend:
-        return cls(args, renderer, layers, num_layers, hidden_size)
+    def from_args(cls, args, renderer, layers, num_layers, hidden_size, rank: int = 0) -> VllmBackend:
+        return cls(args, renderer, layers, num_layers, hidden_size, rank=rank)
 
     def _command_hint(self) -> str:
         import shlex
@@ -181,125 +250,120 @@ class VllmBackend:
             self.args.hidden_states_dir,
             port=self.args.port,
             extra_args=self.args.server_args,
+            max_model_len=self.args.max_length + 1,
         )
         return f"start it with (see also --print-server-command):\n  {shlex.join(command)}"
 
-    # ------------------------------------------------------------------ HTTP with retries
-    async def _request(self, server: int, method: str, path: str, payload: dict | None = None) -> dict[str, Any]:
-        url = self.urls[server] + path
-        attempts = self.args.max_retries + 1
-        last_error: Exception | None = None
-        for attempt in range(attempts):
-            try:
-                async with self.semaphores[server]:
-                    async with self.session.request(
-                        method, url, json=payload, timeout=aiohttp.ClientTimeout(total=self.args.request_timeout)
-                    ) as response:
-                        if response.status >= 500:
-                            raise _Retryable(f"HTTP {response.status}: {(await response.text())[:300]}")
-                        if response.status >= 400:  # our request is wrong: retrying will not help
-                            raise ServerError(f"{url}: HTTP {response.status}: {(await response.text())[:500]}")
-                        return await response.json()
-            except (TimeoutError, aiohttp.ClientConnectionError, _Retryable) as error:
-                last_error = error
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(min(0.5 * 2**attempt, 30.0))
-        reason = f"{type(last_error).__name__}: {last_error}" if str(last_error) else type(last_error).__name__
-        raise ServerError(
-            f"vLLM server {self.urls[server]} unreachable after {attempts} attempts ({reason}); {self._command_hint()}"
-        )
-
-    # ------------------------------------------------------------------ start-up checks
-    async def _start(self) -> None:
-        self.session = aiohttp.ClientSession()
-        self.semaphores = [asyncio.Semaphore(self.args.concurrent_requests) for _ in self.urls]
-        for server, url in enumerate(self.urls):
-            models = (await self._request(server, "GET", "/v1/models"))["data"]
-            match = [m for m in models if self.args.model in (m.get("id"), m.get("root"))]
-            if not match:
-                served = [m.get("root") or m.get("id") for m in models]
-                raise ServerError(
-                    f"vLLM server {url} serves {served}, not --model {self.args.model}; {self._command_hint()}"
-                )
-            self.served_names.append(match[0]["id"])
-            self.max_model_lens.append(match[0].get("max_model_len"))
-            needed = self.args.max_length + 1  # a capture of max_length tokens also generates one
-            if self.max_model_lens[-1] is not None and self.max_model_lens[-1] < needed:
-                raise ServerError(
-                    f"vLLM server {url} has max_model_len {self.max_model_lens[-1]} but --max-length "
-                    f"{self.args.max_length} needs {needed}; lower --max-length or raise the server's --max-model-len."
-                )
-            await self._probe(server)
-
-    async def _probe(self, server: int) -> None:
-        """Capture a short prompt and check the layer count and hidden size the server writes."""
+    # ------------------------------------------------------------------ start-up (and rejoin) check
+    async def _check(self, server: Server, send: Callable[..., Awaitable[dict[str, Any]]]) -> None:
+        """It serves --model with room for --max-length, and a probe capture has the expected shape."""
+        models = (await send("GET", "/v1/models"))["data"]
+        match = [m for m in models if self.args.model in (m.get("id"), m.get("root"))]
+        if not match:
+            served = [m.get("root") or m.get("id") for m in models]
+            raise ServerError(
+                f"vLLM server {server.url} serves {served}, not --model {self.args.model}; {self._command_hint()}"
+            )
+        max_model_len = match[0].get("max_model_len")
+        needed = self.args.max_length + 1  # a capture of max_length tokens also generates one
+        if max_model_len is not None and max_model_len < needed:
+            raise ServerError(
+                f"vLLM server {server.url} has max_model_len {max_model_len} but --max-length "
+                f"{self.args.max_length} needs {needed}; lower --max-length or raise the server's --max-model-len."
+            )
+        server.served_name, server.max_model_len = match[0]["id"], max_model_len
         ids = self.renderer.prompt_ids([{"role": "user", "content": "Hello."}])
-        response = await self._request(server, "POST", "/v1/completions", self._capture_payload(server, ids))
+        response = await send("POST", "/v1/completions", self._capture_payload(server, ids, "probe"))
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
-        url = self.urls[server]
         if path is None:
             raise ServerError(
-                f"vLLM server {url} returned no hidden states: it was not started for collection; {self._command_hint()}"
+                f"vLLM server {server.url} returned no hidden states: it was not started for collection; "
+                f"{self._command_hint()}"
             )
-        states = (await asyncio.to_thread(_read_hidden_states, path))["hidden_states"]
+        try:
+            states = (await asyncio.to_thread(_read_hidden_states, path))["hidden_states"]
+        except _LostFile as error:
+            raise ConnectionError(f"probe capture lost ({error})") from None
         expected = (len(ids), len(self.capture_ids), self.hidden_size)
         if tuple(states.shape) != expected:
             raise ServerError(
-                f"vLLM server {url} captures states of shape {tuple(states.shape)} for a {len(ids)}-token prompt, "
-                f"but --layers {self.layers} need [tokens, {len(self.capture_ids)} (vLLM ids {self.capture_ids}), "
-                f"hidden size {self.hidden_size}]; {self._command_hint()}"
+                f"vLLM server {server.url} captures states of shape {tuple(states.shape)} for a {len(ids)}-token "
+                f"prompt, but --layers {self.layers} need [tokens, {len(self.capture_ids)} (vLLM ids "
+                f"{self.capture_ids}), hidden size {self.hidden_size}]; {self._command_hint()}"
             )
 
-    # ------------------------------------------------------------------ one conversation
-    def _capture_payload(self, server: int, ids: list[int]) -> dict[str, Any]:
-        return {"model": self.served_names[server], "prompt": ids, "max_tokens": 1, "temperature": 0.0}
-
-    async def _generate(self, server: int, prompt: list[int], seed: int) -> list[int]:
-        max_tokens = self.args.max_new_tokens
-        if self.max_model_lens[server] is not None:
-            max_tokens = min(max_tokens, self.max_model_lens[server] - len(prompt))
-        payload = {
-            "model": self.served_names[server],
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": self.args.temperature,
-            "top_p": self.args.top_p,
-            "seed": seed,  # per request: sampling is reproducible whatever the batching or a resume
-            "stop_token_ids": sorted(self.stop_ids),
-            "return_token_ids": True,
-            "kv_transfer_params": {SKIP_SAVE: True},
+    # ------------------------------------------------------------------ requests through the pool
+    def _capture_payload(self, server: Server, ids: list[int], request: str) -> dict[str, Any]:
+        return {
+            "model": server.served_name,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "request_id": self.tag + request,  # names the connector's file: see client_tag
         }
-        choice = (await self._request(server, "POST", "/v1/completions", payload))["choices"][0]
+
+    async def _on_a_server(
+        self, payload: Callable[[Server], dict[str, Any]], what: str, prefer: Server | None = None
+    ) -> tuple[Server, dict[str, Any]]:
+        """POST /v1/completions on the preferred (or least-loaded) live server; again elsewhere
+        when that server goes down. ``NoServerLive`` when none is left."""
+        while True:
+            server = await self.pool.acquire(prefer)
+            try:
+                return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
+            except ServerDown:
+                prefer = None
+            finally:
+                await self.pool.release(server)
+
+    async def _generate(
+        self, prompt: list[int], key: int, turn: int, prefer: Server | None
+    ) -> tuple[Server, list[int]]:
+        # Never longer than what --max-length keeps (the rest would be cut away): this also keeps
+        # every answer independent of the serving server's max_model_len.
+        max_tokens = min(self.args.max_new_tokens, self.args.max_length - len(prompt))
+
+        def payload(server: Server) -> dict[str, Any]:
+            return {
+                "model": server.served_name,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": self.args.temperature,
+                "top_p": self.args.top_p,
+                "seed": self.args.seed + key * 1000 + turn,  # per request: same answer on any server, any batch
+                "stop_token_ids": sorted(self.stop_ids),
+                "return_token_ids": True,
+                "kv_transfer_params": {SKIP_SAVE: True},
+                "request_id": f"{self.tag}{key}-g{turn}",
+            }
+
+        server, response = await self._on_a_server(payload, f"regeneration of conversation {key}", prefer)
+        choice = response["choices"][0]
         ids = choice.get("token_ids")
         if ids is None:  # older servers: re-tokenise the text
             ids = self.renderer.tokenizer(choice["text"], add_special_tokens=False)["input_ids"]
             if choice.get("finish_reason") == "stop":
                 ids.append(self.renderer.end_of_turn_id)
-        return cut_at_stop(list(ids), self.stop_ids)
+        return server, cut_at_stop(list(ids), self.stop_ids)
 
-    async def _capture(self, server: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        response = await self._request(server, "POST", "/v1/completions", self._capture_payload(server, ids))
+    async def _capture(self, key: int, ids: list[int], prefer: Server | None) -> str:
+        server, response = await self._on_a_server(
+            lambda s: self._capture_payload(s, ids, f"{key}-c"), f"capture of conversation {key}", prefer
+        )
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
         if path is None:
-            raise ServerError(
-                f"vLLM server {self.urls[server]} stopped returning hidden states; {self._command_hint()}"
-            )
-        data = await asyncio.to_thread(_read_hidden_states, path)
-        states, token_ids = data["hidden_states"], data["token_ids"]
-        if token_ids.tolist() != ids:
-            raise ServerError(f"vLLM server {self.urls[server]} returned states for other tokens than sent ({path}).")
-        aux = states[:, self.aux_index].reshape(len(ids), -1)
-        return aux, states[:, self.last_index].contiguous()
+            raise ServerError(f"vLLM server {server.url} stopped returning hidden states; {self._command_hint()}")
+        return path
 
-    async def _process(self, conversation: Conversation) -> Sample | None:
-        server = conversation.key % len(self.urls)
+    async def _process(self, conversation: Conversation) -> _Captured | None:
         messages = list(conversation.messages)
+        server: Server | None = None  # later turns prefer the server holding the earlier ones in its cache
         last_ids, final_slot = None, None
         for turn, slot in enumerate(generation_slots(messages, self.args.regenerate)):
             prompt = self.renderer.prompt_ids(messages[:slot])
             if len(prompt) >= self.args.max_length:  # the answer would be truncated away
                 break
-            last_ids = await self._generate(server, prompt, seed=self.args.seed + conversation.key * 1000 + turn)
+            server, last_ids = await self._generate(prompt, conversation.key, turn, server)
             messages = set_answer(messages, slot, decode_answer(self.renderer, last_ids, self.stop_ids))
             final_slot = slot
         if final_slot is not None:
@@ -307,13 +371,31 @@ class VllmBackend:
         rendered = self.renderer.render(messages, last_ids)
         if rendered is None or rendered.num_assistant_tokens == 0:
             return None
-        aux, last = await self._capture(server, rendered.input_ids)
-        return to_sample(conversation.key, rendered, aux, last)
+        return _Captured(conversation.key, rendered, await self._capture(conversation.key, rendered.input_ids, server))
+
+    async def _to_sample(self, captured: _Captured) -> Sample:
+        """Read the capture's file (captured again if its server died while writing it)."""
+        ids = captured.rendered.input_ids
+        for _ in range(3):
+            try:
+                data = await asyncio.to_thread(_read_hidden_states, captured.path)
+            except _LostFile:
+                captured.path = await self._capture(captured.key, ids, None)
+                continue
+            if data["token_ids"].tolist() != ids:
+                raise ServerError(f"a vLLM server returned states for other tokens than sent ({captured.path}).")
+            states = data["hidden_states"]
+            aux = states[:, self.aux_index].reshape(len(ids), -1)
+            return to_sample(captured.key, captured.rendered, aux, states[:, self.last_index].contiguous())
+        raise ServerError(f"the capture of conversation {captured.key} was lost 3 times ({captured.path}).")
 
     # ------------------------------------------------------------------ the backend interface
     def samples(self, conversations: list[Conversation]) -> Iterator[Sample | None]:
-        """Samples in input order, with up to 2 x concurrency conversations in flight."""
-        window = 2 * self.args.concurrent_requests * len(self.urls)
+        """Samples in input order, with up to 2 x (slots of all servers) conversations in flight.
+
+        Finished conversations wait for their turn as a file path, not in memory. When no server
+        is left, the finished ones are still yielded (in order) before ``NoServerLive``."""
+        window = 2 * self.args.concurrent_requests * len(self.pool.servers)
         pending: deque[asyncio.Task] = deque()
         remaining = iter(conversations)
         try:
@@ -322,15 +404,42 @@ class VllmBackend:
                     pending.append(self.loop.create_task(self._process(conversation)))
                 if not pending:
                     return
-                yield self.loop.run_until_complete(pending.popleft())
+                try:
+                    captured = self.loop.run_until_complete(pending.popleft())
+                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
+                except NoServerLive:
+                    yield from self._finished(pending)
+                    raise
         finally:
             for task in pending:
                 task.cancel()
             if pending:
                 self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
+    def _finished(self, pending: deque[asyncio.Task]) -> Iterator[Sample | None]:
+        for task in pending:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                captured = task.result()
+                try:
+                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
+                except NoServerLive:
+                    continue  # its file was lost with the last server: the rerun collects it
+
+    def summary_lines(self) -> list[str]:
+        servers = ", ".join(
+            f"{s.url} {s.requests_done} requests{'' if s.live else ' (down: ' + s.last_error + ')'}"
+            for s in self.pool.servers
+        )
+        lines = [f"vLLM servers: {servers}"]
+        if self.orphans_removed:
+            lines.append(
+                f"removed {self.orphans_removed} files this client's earlier run left in {self.args.hidden_states_dir}"
+            )
+        return lines
+
     def close(self) -> None:
-        if self.session is not None:
-            self.loop.run_until_complete(self.session.close())
-            self.session = None
-        self.loop.close()
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.pool.close())
+            self.loop.close()
+        # Files of requests abandoned in flight (a server went down, Ctrl-C): ours alone, by tag.
+        remove_orphans(self.args.hidden_states_dir, self.tag)
