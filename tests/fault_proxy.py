@@ -40,7 +40,7 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        self._thread.join(5)  # a daemon thread: held (hanging) requests need not finish
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)

@@ -71,6 +71,7 @@ def _serve(trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm
         "127.0.0.1",
         "--hidden-states-dir",
         hidden_dir,
+        f"--server-args={SERVER_ARGS}",
     ).stdout
     log_path = tmp_path_factory.mktemp("logs") / f"{name}.log"
     try:
@@ -225,13 +226,9 @@ def pool_chats(tmp_path_factory):
 
 
 def _pool_args(trained_target, urls, hidden_dir, chats, out, *extra):
-    return [
-        *_vllm_args(trained_target, {"url": urls[0], "hidden_dir": hidden_dir}, chats, out),
-        "--server-url",
-        *urls,
-        *POOL_ARGS,
-        *extra,
-    ]
+    args = _vllm_args(trained_target, {"url": urls[0], "hidden_dir": hidden_dir}, chats, out)
+    at = args.index("--server-url") + 1
+    return [*args[:at], *urls, *args[at + 1 :], *POOL_ARGS, *extra]
 
 
 def _stored(out: Path) -> dict[int, list[int]]:
@@ -304,13 +301,11 @@ def test_server_failing_for_a_while_changes_nothing_stored(
     """One of two servers answers HTTP 500 (or hangs past --request-timeout) for a while in the
     middle of the run: it is marked down, its conversations finish on the other server, and the
     store is exactly the clean run's."""
-    with FaultProxy(server["url"], fault=fault, after=6, duration=8.0) as proxy:
+    # hang: --request-timeout 5 s, one retry, /health hangs too -> down after ~15 s (hangs 20 s)
+    timeout = ["--request-timeout", "5"] if fault == "hang" else []
+    with FaultProxy(server["url"], fault=fault, after=6, duration=20.0 if fault == "hang" else 8.0) as proxy:
         urls = [proxy.url, second_server["url"]]
-        result = _run(
-            *_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, tmp_path / "out"),
-            "--request-timeout",
-            "2",
-        )
+        result = _run(*_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, tmp_path / "out"), *timeout)
     assert proxy.faulted > 0
     assert f"vLLM server {proxy.url} is down" in result.stderr
     assert ("HTTP 500" if fault == "500" else "timed out") in result.stderr
@@ -327,7 +322,7 @@ def test_no_server_left_stops_cleanly_and_the_rerun_resumes(trained_target, serv
     assert "rerun the same command to resume" in result.stderr
     first = _stored(tmp_path / "out")
     assert 1 <= len(first) < 8 and all(reference[key] == ids for key, ids in first.items())
-    args[args.index(proxy.url)] = server["url"]
+    args = [server["url"] if arg == proxy.url else arg for arg in args]
     result = _run(*args)
     assert f"collected {8 - len(first)} samples" in result.stdout
     assert _stored(tmp_path / "out") == reference

@@ -10,9 +10,10 @@ the retries are exhausted the server is asked ``/health``:
   abandoned at once (``ServerDown``) and the callers send it again elsewhere; a background
   task probes the server (the same start-up check: model, length, a real capture) with growing
   intervals and it rejoins when healthy;
-- it answers healthy: the REQUEST is what fails (e.g. it takes longer than
-  ``--request-timeout``); moving it elsewhere would take every server down in turn, so the run
-  stops with a message naming the request's conversation and the error.
+- it answers healthy: the REQUEST is what fails there (e.g. it takes longer than
+  ``--request-timeout`` on a busy server): ``RequestFailed``; the caller tries it on the other
+  live servers, and stops the run when it failed on every one (a request no server answers
+  would otherwise take every server down in turn).
 
 When the last live server goes down, ``NoServerLive`` names every server and its last error.
 Callers keep answers independent of the server (per-request seeds, run-wide length limits),
@@ -44,6 +45,14 @@ class NoServerLive(ServerError):
     """Every server is down: the run stops (what is complete is stored; a rerun resumes)."""
 
 
+class RequestFailed(ServerError):
+    """A request failed all its retries on a server that still answers /health."""
+
+    def __init__(self, message: str, server: Server):
+        super().__init__(message)
+        self.server = server
+
+
 class ServerDown(Exception):
     """The server a request was on went down: send the request again on another server."""
 
@@ -55,6 +64,8 @@ class _Retryable(Exception):
 def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
+    if isinstance(error, _Retryable):  # already says what came back ("HTTP 500: ...")
+        return str(error)
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
@@ -212,13 +223,15 @@ class ServerPool:
             return False
 
     # ------------------------------------------------------------------ dispatch
-    async def acquire(self, prefer: Server | None = None) -> Server:
-        """A slot on a live server: ``prefer`` when it is live with a free slot, else the least loaded."""
+    async def acquire(self, prefer: Server | None = None, exclude: frozenset[Server] = frozenset()) -> Server:
+        """A slot on a live server: ``prefer`` when it is live with a free slot, else the least loaded
+        (servers in ``exclude`` only when no other is live)."""
         async with self._changed:
             while True:
                 live = [s for s in self.servers if s.live]
                 if not live:
                     raise self._no_server_live()
+                live = [s for s in live if s not in exclude] or live
                 if prefer is not None and prefer.live and prefer.in_flight < self.capacity:
                     server = prefer
                 else:
@@ -251,10 +264,11 @@ class ServerPool:
                     await self._until_down(server, asyncio.sleep(min(0.5 * 2**attempt, 30.0)))
         reason = _describe(last_error)
         if server.live and await self._healthy(server):
-            raise ServerError(
+            raise RequestFailed(
                 f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
                 "answers /health: the request itself fails there (a request that takes longer than "
-                "--request-timeout? raise it; see the server's log otherwise)."
+                "--request-timeout? raise it; see the server's log otherwise).",
+                server,
             )
         await self._mark_down(server, reason)
         raise ServerDown(server.url)

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
-from eagle3.collect.server_pool import NoServerLive, Server, ServerDown, ServerError, ServerPool
+from eagle3.collect.server_pool import NoServerLive, RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
@@ -305,13 +306,21 @@ class VllmBackend:
     async def _on_a_server(
         self, payload: Callable[[Server], dict[str, Any]], what: str, prefer: Server | None = None
     ) -> tuple[Server, dict[str, Any]]:
-        """POST /v1/completions on the preferred (or least-loaded) live server; again elsewhere
-        when that server goes down. ``NoServerLive`` when none is left."""
+        """POST /v1/completions on the preferred (or least-loaded) live server; again elsewhere when
+        that server goes down or fails this request while healthy. ``NoServerLive`` when no server
+        is left; the ``RequestFailed`` error once the request failed on every live server."""
+        failed_on: set[Server] = set()
         while True:
-            server = await self.pool.acquire(prefer)
+            server = await self.pool.acquire(prefer, exclude=frozenset(failed_on))
             try:
                 return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
             except ServerDown:
+                prefer = None
+            except RequestFailed as error:
+                failed_on.add(server)
+                if all(s in failed_on for s in self.pool.servers if s.live):
+                    raise
+                tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
                 prefer = None
             finally:
                 await self.pool.release(server)
