@@ -397,10 +397,11 @@ def test_server_killed_mid_run_the_other_finishes(
     stores exactly the clean run's samples. LAST in this module: the killed server stays down."""
     out = tmp_path / "out"
     urls = [server["url"], second_server["url"]]
+    done_before = _metric(second_server["url"], "vllm:request_success_total")  # the earlier tests' requests
     client = _start_client(_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, out), tmp_path / "c.log")
     try:
         deadline = time.time() + 300
-        while _metric(second_server["url"], "vllm:request_success_total") < 4:  # probe + some real work
+        while _metric(second_server["url"], "vllm:request_success_total") < done_before + 4:  # probe + real work
             assert client.poll() is None and time.time() < deadline, (tmp_path / "c.log").read_text()[-3000:]
             time.sleep(0.1)
         os.killpg(second_server["process"].pid, signal.SIGKILL)
