@@ -185,9 +185,11 @@ def test_server_checks_catch_wrong_layers_and_model(trained_target, random_targe
 
 
 def test_printed_server_and_client_defaults_agree_on_length(trained_target, tmp_path, capsys):
-    """The tiny target has 2048 positions: the printed server serves 2048 and --max-length 4096
-    (the default) is capped at 2047, saying so, instead of the client refusing that server."""
-    printed = _run("--model", trained_target, "--output-dir", tmp_path, "--print-server-command")
+    """The tiny target has 2048 positions: the printed server serves 2048 and --max-length 4096 is
+    capped at 2047, saying so, instead of the client refusing that server (the issue's case)."""
+    printed = _run(
+        "--model", trained_target, "--output-dir", tmp_path, "--print-server-command", "--max-length", "4096"
+    )
     assert "--max-model-len 2048" in printed.stdout
     assert "--max-length 4096 capped at 2047" in printed.stderr
     assert (
