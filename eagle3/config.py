@@ -164,6 +164,21 @@ class Eagle3Qwen3Config(Qwen3Config):
         # save_pretrained stamps the Python class name into `architectures`; vLLM picks its
         # draft class from this field, so it must name the served format instead.
         output.update(DRAFT_ARCHITECTURES[self.draft_arch])
+        output.pop("eagle_config", None)  # rebuilt below from target_layers, never carried over stale
+        if self.draft_arch == "llama" and self.target_layers is not None:
+            # SGLang (the llama format's main user) ignores the top-level key: its model runner
+            # reads hf_config.eagle_config["eagle_aux_hidden_state_layer_ids"]
+            # (sgl-project/sglang python/sglang/srt/model_executor/model_runner.py) and hands the
+            # list to set_eagle3_layers_to_capture, which adds 1 itself ("for the ith layer, it
+            # takes the output of the (i-1)th layer", models/llama.py and qwen3.py). So SGLang's
+            # ids are OUTPUT-of-layer indices, i.e. our target_layers, not vLLM's i + 1. Without
+            # this key SGLang silently captures its defaults [1, L//2-1, L-4]. vLLM reads the
+            # top-level key first and falls back to eagle_config only when it is missing
+            # (vllm/v1/worker/gpu_model_runner.py), so the two conventions never meet.
+            output["eagle_config"] = {
+                "eagle_aux_hidden_state_layer_ids": list(self.target_layers),
+                "use_aux_hidden_state": True,
+            }
         return output
 
     @property

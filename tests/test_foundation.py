@@ -130,8 +130,14 @@ def test_round_trip_is_bit_exact(target_config, tmp_path, kwargs):
         assert config["model_type"] == "llama"
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
         assert not any("q_norm" in name for name in names)
+        # SGLang reads the aux layers here, as OUTPUT-of-layer indices (it adds 1 itself);
+        # vLLM reads the top-level key (input of layer i + 1). See Eagle3Qwen3Config.to_dict.
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == model.config.target_layers
+        assert config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in model.config.target_layers]
+        assert loaded.config.to_dict()["eagle_config"] == config["eagle_config"]  # survives a reload
     else:
         assert config["architectures"] == ["Eagle3Qwen3ForCausalLM"]
+        assert "eagle_config" not in config
 
 
 def test_full_vocab_draft_has_no_d2t(target_config, tmp_path):

@@ -61,6 +61,10 @@ def trained_run(data_dir, trained_target, tmp_path_factory):
         calls["create_repo"].append((repo_id, kwargs))
         return SimpleNamespace(repo_id=repo_id, url=f"https://huggingface.co/{repo_id}")
 
+    def whoami(self, *args, **kwargs):  # a bare --hub_model_id goes under the logged-in user
+        calls.setdefault("whoami", []).append(kwargs)
+        return {"name": "someone", "type": "user"}
+
     def create_commit(self, repo_id, operations, **kwargs):
         calls["create_commit"].append((repo_id, [op.path_in_repo for op in operations], kwargs))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
@@ -89,12 +93,13 @@ def trained_run(data_dir, trained_target, tmp_path_factory):
         "tiny-test",
         "--push_to_hub",
         "--hub_model_id",
-        "someone/eagle3-tiny",
+        "eagle3-tiny",
     ]
     with (
         mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}),
         mock.patch.object(HfApi, "create_repo", create_repo),
         mock.patch.object(HfApi, "create_commit", create_commit),
+        mock.patch.object(HfApi, "whoami", whoami),
     ):
         metrics = train(parse_args(argv))
         import wandb
@@ -175,6 +180,8 @@ def test_model_card_and_hub_upload(trained_run):
         str(trained_run.target),
     ):
         assert expected in card, expected
+    assert str(trained_run.output_dir) not in card  # the draft is named by its Hub id, never a local path
+    assert len(trained_run.hub_calls["whoami"]) == 1  # resolved once, before training
     assert [repo for repo, _ in trained_run.hub_calls["create_repo"]] == ["someone/eagle3-tiny"]
     ((repo_id, files, _),) = trained_run.hub_calls["create_commit"]
     assert repo_id == "someone/eagle3-tiny"

@@ -92,7 +92,8 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
         target_link=f"`{target}`"
         if Path(str(target)).exists() or str(target).startswith((".", "/")) or str(target).count("/") != 1
         else f"[{target}](https://huggingface.co/{target})",
-        draft=repo_id or str(draft_dir),
+        # Without a Hub id, the folder's own name: never a path of the machine it was trained on.
+        draft=repo_id or f"./{draft_dir.name}",
         architecture=(config.get("architectures") or ["?"])[0],
         model_type=config.get("model_type"),
         num_layers=config.get("num_hidden_layers"),
@@ -107,6 +108,26 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
         steps=steps,
     )
     return text
+
+
+def resolve_repo_id(hub_model_id: str | None, output_dir: str | Path, token: str | None = None) -> str:
+    """The Hub repo the draft goes to, with its owner, as ``Trainer.push_to_hub`` names it.
+
+    ``--hub_model_id OWNER/NAME`` is used as given (no network). A bare name, or none (then the
+    output directory's name, like transformers), goes under the logged-in user, asked from the
+    Hub with ``whoami``: the card then shows the id users will actually type.
+    """
+    name = hub_model_id or Path(output_dir).absolute().name
+    if "/" in name:
+        return name
+    try:
+        owner = HfApi(token=token).whoami()["name"]
+    except Exception as error:  # not logged in, offline, bad token: all mean "cannot name the repo"
+        raise ValueError(
+            f"--push_to_hub: cannot find your Hub user name to create {name!r} under ({error}). Log in "
+            "(hf auth login) or pass --hub_token, or give the full --hub_model_id OWNER/NAME."
+        ) from None
+    return f"{owner}/{name}"
 
 
 def write_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = None) -> Path:

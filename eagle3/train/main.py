@@ -101,6 +101,16 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (empty without an eval split)."""
     plan = check_data_against_target(args)
+    # The Hub id is settled before training (the card names it; a missing login fails now, not
+    # after hours of training). Only the main process talks to the Hub.
+    repo_id = args.hub_model_id
+    if args.push_to_hub and args.should_save:
+        from eagle3.export.hub import resolve_repo_id
+
+        try:
+            repo_id = resolve_repo_id(args.hub_model_id, args.output_dir, args.hub_token)
+        except ValueError as error:
+            raise Eagle3ConfigError(str(error)) from None
     if "wandb" in args.report_to:  # keep the (offline) run next to the model it describes
         os.environ.setdefault("WANDB_DIR", str(Path(args.output_dir).absolute()))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -155,7 +165,7 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         from eagle3.export.hub import write_model_card
 
         info = json.loads((best / EVAL_METRICS_FILE).read_text())
-        write_model_card(best, info, repo_id=args.hub_model_id)
+        write_model_card(best, info, repo_id=repo_id)
     if args.push_to_hub:
-        trainer.push_to_hub()
+        trainer.push_to_hub(repo_id=repo_id)
     return metrics

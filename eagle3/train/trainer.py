@@ -145,14 +145,16 @@ class Eagle3Trainer(Trainer):
         blocking: bool = True,
         token: str | None = None,
         revision: str | None = None,
+        repo_id: str | None = None,
         **kwargs: Any,
     ) -> str | None:
-        """Upload ``output_dir/best_model`` (with its model card) to ``--hub_model_id``."""
+        """Upload ``output_dir/best_model`` (with its model card) to ``repo_id`` (default: resolved
+        from ``--hub_model_id`` / the output directory, see ``resolve_repo_id``)."""
         if not self.is_world_process_zero():
             return None
-        from eagle3.export.hub import push_draft
+        from eagle3.export.hub import push_draft, resolve_repo_id
 
-        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        repo_id = repo_id or resolve_repo_id(self.args.hub_model_id, self.args.output_dir, token or self.args.hub_token)
         return push_draft(
             Path(self.args.output_dir) / BEST_MODEL_DIR,
             repo_id=repo_id,
