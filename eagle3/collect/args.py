@@ -87,7 +87,20 @@ class CollectArgs:
     )
     hidden_dtype: str = field(
         default="bf16",
-        metadata={"section": STORE, "help": "Dtype of the stored states.", "choices": ["bf16", "fp16", "fp32"]},
+        metadata={
+            "section": STORE,
+            "help": "How states are stored: bf16 (the plain floor, (n_aux+1)*H*2 bytes/token), fp16, fp32, or fp8 "
+            "(e4m3 with a scale per token per layer, about half of bf16).",
+            "choices": ["bf16", "fp16", "fp32", "fp8"],
+        },
+    )
+    no_states: bool = field(
+        default=False,
+        metadata={
+            "section": STORE,
+            "help": "Store token ids and loss masks only (a few bytes/token), for run_train.py --online --data-dir: "
+            "the target computes the states during training.",
+        },
     )
     shard_tokens: int = field(
         default=1 << 16, metadata={"section": STORE, "help": "Tokens per shard (a kill loses at most one)."}
@@ -196,6 +209,10 @@ class CollectArgs:
             raise ValueError("--output-dir is required: where the shards and manifest.json go")
         if not self.dataset:
             raise ValueError("--dataset is required (JSONL/JSON file(s) or a Hugging Face dataset)")
+        if self.no_states:
+            if self.backend == "vllm":
+                raise ValueError("--no-states works with --backend hf for now (regeneration in this process)")
+            self.hidden_dtype = "none"  # the store's name for "ids and masks only"
         if self.backend == "vllm" and not self.server_url:
             raise ValueError(
                 "--backend vllm needs --server-url (start a server with the command --print-server-command prints)"

@@ -55,7 +55,7 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids
 
 
-def to_sample(key: int, rendered: Rendered, aux: torch.Tensor, last: torch.Tensor) -> Sample:
+def to_sample(key: int, rendered: Rendered, aux: torch.Tensor | None, last: torch.Tensor | None) -> Sample:
     return Sample(
         input_ids=torch.tensor(rendered.input_ids, dtype=torch.long),
         loss_mask=torch.tensor(rendered.loss_mask, dtype=torch.bool),

@@ -18,8 +18,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
+from eagle3.data.codecs import capture_dtype, has_states
 from eagle3.data.sources import Conversation
-from eagle3.data.store import DTYPES, Sample
+from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
 
 
@@ -55,6 +56,30 @@ class LayerCapture:
             handle.remove()
 
 
+@torch.no_grad()  # not inference_mode: online training feeds these states to autograd
+def capture_states(
+    model, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of ``model``'s base model (no lm_head) over a right-padded batch:
+    (aux [B, T, n_aux*H] at ``layers`` in ascending order, last [B, T, H] = the last decoder
+    layer's output before the final norm), on the model's device, in ``dtype``."""
+    decoder_layers = model.model.layers
+    last_layer = len(decoder_layers) - 1
+    capture = LayerCapture(decoder_layers, sorted(set(layers) | {last_layer}))
+    try:
+        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        capture.remove()
+    # One pass per layer: copy + cast into the stored dtype on the device (halves the
+    # device-to-host transfer for bf16), instead of cat, cast and copy as separate passes.
+    hidden = capture.outputs[last_layer]
+    size = hidden.shape[-1]
+    aux = torch.empty((*hidden.shape[:2], size * len(layers)), dtype=dtype, device=hidden.device)
+    for slot, layer in enumerate(layers):
+        aux[..., slot * size : (slot + 1) * size].copy_(capture.outputs[layer])
+    return aux, hidden.to(dtype)
+
+
 class HfBackend:
     def __init__(
         self,
@@ -74,7 +99,8 @@ class HfBackend:
         self.device = torch.device(device or default_device())
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype)).to(self.device).eval()
         self.renderer = renderer
-        self.hidden_dtype = DTYPES[hidden_dtype]
+        self.hidden_dtype = capture_dtype(hidden_dtype)  # the store encodes fp8 from bf16
+        self.capture_states = has_states(hidden_dtype)  # --no-states: ids and masks only
         self.layers = list(layers)
         self.num_layers = self.model.config.num_hidden_layers
         self.batch_size = batch_size
@@ -89,8 +115,6 @@ class HfBackend:
         self.stop_ids = set(eos) | {renderer.end_of_turn_id}
         tokenizer = renderer.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.stop_ids))
-        self.decoder_layers = self.model.model.layers
-        self.capture_layers = sorted(set(self.layers) | {self.num_layers - 1})
 
     # ------------------------------------------------------------------ regeneration
     @torch.inference_mode()
@@ -150,7 +174,6 @@ class HfBackend:
         return results
 
     # ------------------------------------------------------------------ capture
-    @torch.inference_mode()
     def capture(self, sequences: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(aux [T, n_aux*H], last [T, H]) per sequence, on the CPU, in the stored dtype."""
         width = max(len(s) for s in sequences)
@@ -159,21 +182,10 @@ class HfBackend:
         for row, ids in enumerate(sequences):  # right padding: positions start at 0 for every row
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        capture = LayerCapture(self.decoder_layers, self.capture_layers)
-        try:
-            self.model.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), use_cache=False
-            )
-        finally:
-            capture.remove()
-        # One pass per layer: copy + cast into the stored dtype on the device (halves the
-        # device-to-host transfer for bf16), instead of cat, cast and copy as separate passes.
-        hidden = capture.outputs[self.num_layers - 1]
-        size = hidden.shape[-1]
-        aux = torch.empty((*hidden.shape[:2], size * len(self.layers)), dtype=self.hidden_dtype, device=hidden.device)
-        for slot, layer in enumerate(self.layers):
-            aux[..., slot * size : (slot + 1) * size].copy_(capture.outputs[layer])
-        aux, last = aux.cpu(), hidden.to(self.hidden_dtype).cpu()
+        aux, last = capture_states(
+            self.model, self.layers, input_ids.to(self.device), attention_mask.to(self.device), self.hidden_dtype
+        )
+        aux, last = aux.cpu(), last.cpu()
         return [(aux[row, : len(ids)], last[row, : len(ids)]) for row, ids in enumerate(sequences)]
 
     # ------------------------------------------------------------------ the backend interface
@@ -185,8 +197,10 @@ class HfBackend:
             torch.manual_seed(self.seed + batch[0].key)
             rendered = [self.renderer.render(m, ids) for m, ids in self.regenerate_batch(batch)]
             keep = [i for i, r in enumerate(rendered) if r is not None and r.num_assistant_tokens > 0]
-            states = self.capture([rendered[i].input_ids for i in keep]) if keep else []
-            by_index = dict(zip(keep, states, strict=True))
+            if keep and self.capture_states:
+                by_index = dict(zip(keep, self.capture([rendered[i].input_ids for i in keep]), strict=True))
+            else:
+                by_index = dict.fromkeys(keep, (None, None))
             for i, conversation in enumerate(batch):
                 if i in by_index:
                     yield to_sample(conversation.key, rendered[i], *by_index[i])

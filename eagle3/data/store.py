@@ -11,10 +11,14 @@ Tensors in a shard (T = total tokens of the shard, n = samples in it):
     aux_hidden_states   [T, n_aux * H]  target states at the aux layers, ascending layer order
     last_hidden_states  [T, H]          output of the last layer before the final norm (stored once,
                                         even when the last layer is also an aux layer)
+    *_scales            [T, n_aux], [T, 1]  fp8 only: float32 scale per token per layer
     input_ids           [T]   int32
     loss_mask           [T]   uint8     1 = assistant token
     offsets             [n+1] int64     sample i = rows offsets[i]:offsets[i+1]
     sample_keys         [n]   int64     position of the sample in the input stream (resume)
+
+How the states are encoded (``hidden_dtype``: bf16, fp16, fp32, fp8 or none = no states) is
+``eagle3.data.codecs``'s business; the store writes and reads through it.
 
 manifest.json (top level): ``format_version``, ``layers`` (command-line numbering: output of
 0-based layer i), ``vllm_layer_ids`` (i + 1), ``hidden_size``, ``hidden_dtype``, ``target``
@@ -46,10 +50,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from eagle3.data.codecs import SCALE_SUFFIX, STATE_KEYS, encode, has_states
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-r*-*.safetensors"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class StoreError(RuntimeError):
@@ -119,9 +124,17 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 class Sample:
     input_ids: torch.Tensor  # [T] long
     loss_mask: torch.Tensor  # [T] bool
-    aux_hidden_states: torch.Tensor  # [T, n_aux * H]
-    last_hidden_states: torch.Tensor  # [T, H]
+    aux_hidden_states: torch.Tensor | None  # [T, n_aux * H]; None in a store without states
+    last_hidden_states: torch.Tensor | None  # [T, H]
     key: int
+    # fp8 stores: the per-token, per-layer scales ([T, n_aux], [T, 1]); states are then float8.
+    aux_hidden_states_scales: torch.Tensor | None = None
+    last_hidden_states_scales: torch.Tensor | None = None
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The states (and scales) this sample carries, by their names in a shard."""
+        names = [name for key in STATE_KEYS for name in (key, key + SCALE_SUFFIX)]
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 class StoreWriter:
@@ -231,12 +244,25 @@ class StoreWriter:
         """Queue a sample (written with the next shard); False when its key is already stored."""
         if sample.key in self.done_keys:
             return False
-        self._pending.append(sample)
+        self._pending.append(self._encoded(sample))  # encoded now: pending fp8 samples take half the memory
         self._pending_tokens += len(sample.input_ids)
         self.done_keys.add(sample.key)
         if self._pending_tokens >= self.shard_max_tokens:
             self.flush()
         return True
+
+    def _encoded(self, sample: Sample) -> Sample:
+        """The sample with its states in the stored format (or without states)."""
+        hidden_dtype = self.header["hidden_dtype"]
+        states: dict[str, torch.Tensor | None] = {"aux_hidden_states": None, "last_hidden_states": None}
+        if has_states(hidden_dtype):
+            if sample.aux_hidden_states is None or sample.last_hidden_states is None:
+                raise StoreError(f"sample {sample.key} has no hidden states to store as {hidden_dtype}")
+            num_slots = {"aux_hidden_states": len(self.header["layers"]), "last_hidden_states": 1}
+            for key in STATE_KEYS:
+                for suffix, tensor in encode(getattr(sample, key), num_slots[key], hidden_dtype).items():
+                    states[key + suffix] = tensor
+        return Sample(input_ids=sample.input_ids, loss_mask=sample.loss_mask, key=sample.key, **states)
 
     def flush(self) -> None:
         if not self._pending:
@@ -245,10 +271,11 @@ class StoreWriter:
         lengths = torch.tensor([len(s.input_ids) for s in samples])
         offsets = torch.zeros(len(samples) + 1, dtype=torch.long)
         offsets[1:] = lengths.cumsum(0)
-        dtype = DTYPES[self.header["hidden_dtype"]]
         tensors = {
-            "aux_hidden_states": torch.cat([s.aux_hidden_states for s in samples]).to(dtype).contiguous(),
-            "last_hidden_states": torch.cat([s.last_hidden_states for s in samples]).to(dtype).contiguous(),
+            name: torch.cat([s.stored_tensors()[name] for s in samples]).contiguous()
+            for name in samples[0].stored_tensors()
+        }
+        tensors |= {
             "input_ids": torch.cat([s.input_ids for s in samples]).to(torch.int32),
             "loss_mask": torch.cat([s.loss_mask for s in samples]).to(torch.uint8),
             "offsets": offsets,
@@ -362,13 +389,22 @@ class HiddenStateStore:
         return int(offsets[j + 1] - offsets[j])
 
     def __getitem__(self, i: int) -> Sample:
+        return self.get(i)
+
+    def get(self, i: int, states: bool = True) -> Sample:
+        """Sample ``i``; ``states=False`` reads ids and mask only (online training)."""
         shard_no, j = self.index[i]
         start, end = int(self._offsets[shard_no][j]), int(self._offsets[shard_no][j + 1])
         handle = self._handle(shard_no)
+        names = set(handle.keys()) if states else set()
+        tensors = {
+            name: handle.get_slice(name)[start:end] if name in names else None
+            for key in STATE_KEYS
+            for name in (key, key + SCALE_SUFFIX)
+        }
         return Sample(
             input_ids=handle.get_slice("input_ids")[start:end].long(),
             loss_mask=handle.get_slice("loss_mask")[start:end].bool(),
-            aux_hidden_states=handle.get_slice("aux_hidden_states")[start:end],
-            last_hidden_states=handle.get_slice("last_hidden_states")[start:end],
             key=int(handle.get_slice("sample_keys")[j : j + 1][0]),
+            **tensors,
         )

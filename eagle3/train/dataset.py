@@ -24,8 +24,15 @@ from eagle3.data.store import HiddenStateStore
 
 
 class StoreDataset(Dataset):
-    def __init__(self, store: HiddenStateStore, indices: Sequence[int] | None = None, max_length: int = 2048) -> None:
+    def __init__(
+        self,
+        store: HiddenStateStore,
+        indices: Sequence[int] | None = None,
+        max_length: int = 2048,
+        states: bool = True,
+    ) -> None:
         self.store = store
+        self.states = states  # False: ids and masks only (online training computes the states)
         self.indices = list(range(len(store))) if indices is None else list(indices)
         self.max_length = max_length
         self.lengths = [min(store.length(i), max_length) for i in self.indices]
@@ -34,14 +41,11 @@ class StoreDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        sample = self.store[self.indices[item]]
+        sample = self.store.get(self.indices[item], states=self.states)
         n = self.max_length
-        return {
-            "input_ids": sample.input_ids[:n],
-            "loss_mask": sample.loss_mask[:n],
-            "aux_hidden_states": sample.aux_hidden_states[:n],
-            "last_hidden_states": sample.last_hidden_states[:n],
-        }
+        # States as stored (fp8 + scales stay encoded: training decodes them on its device).
+        features = {"input_ids": sample.input_ids[:n], "loss_mask": sample.loss_mask[:n]}
+        return features | {name: tensor[:n] for name, tensor in sample.stored_tensors().items()}
 
     def token_ids_and_masks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(input_ids, loss_mask) of every sample, read shard by shard without touching hidden states."""
@@ -94,7 +98,7 @@ class Eagle3Collator:
         multiple = self.pad_to_multiple_of
         length = int(-(-int(lengths.max()) // multiple) * multiple)
         batch = {}
-        for key in ("input_ids", "loss_mask", "aux_hidden_states", "last_hidden_states"):
+        for key in features[0]:  # ids, mask, and the states as stored (maybe fp8 + scales, maybe none)
             first = features[0][key]
             out = first.new_zeros((len(features), length, *first.shape[1:]))
             for row, feature in enumerate(features):

@@ -19,12 +19,14 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from eagle3.config import Eagle3ConfigError, Eagle3Qwen3Config, parse_layers, to_vllm_layer_ids, validate_target_layers
+from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
 from eagle3.target import TargetHead, config_hash, load_target_config
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, split_train_eval
 from eagle3.train.loss import TargetProjector
 from eagle3.train.model import Eagle3DraftForTraining
+from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
 from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE, FINAL_MODEL_DIR, Eagle3Trainer
 from eagle3.vocab import count_tokens, coverage, select_draft_vocab
 
@@ -45,6 +47,11 @@ def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
     if not args.data_dir:
         raise Eagle3ConfigError("--data-dir: give the run_collect.py output directory.")
     manifest = read_manifest(args.data_dir)
+    if not has_states(manifest["hidden_dtype"]) and not args.online:
+        raise Eagle3ConfigError(
+            f"--data-dir {args.data_dir} holds token ids and masks only (collected with --no-states): "
+            "add --online to compute the hidden states with the target during training."
+        )
     recorded = manifest.get("target") or {}
     base_model = args.model or recorded.get("name_or_path")
     if not base_model:
@@ -100,6 +107,8 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
 
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (empty without an eval split)."""
+    if args.online and args.dataset:
+        args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
     # The Hub id is settled before training (the card names it; a missing login fails now, not
     # after hours of training). Only the main process talks to the Hub.
@@ -119,9 +128,10 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         raise Eagle3ConfigError(f"--data-dir {args.data_dir}: no samples after --filter-rank / deduplication.")
     seed = args.data_seed if args.data_seed is not None else args.seed
     train_ids, eval_ids = split_train_eval(len(store), args.eval_ratio, seed)
-    train_set = StoreDataset(store, train_ids, args.max_length)
+    states = not args.online  # online: the target computes them; stored ones are not even read
+    train_set = StoreDataset(store, train_ids, args.max_length, states=states)
     eval_ids = sorted(eval_ids, key=store.length)  # sequential eval order then pads little
-    eval_set = StoreDataset(store, eval_ids, args.max_length) if eval_ids else None
+    eval_set = StoreDataset(store, eval_ids, args.max_length, states=states) if eval_ids else None
 
     vocab_size = plan.target_config.vocab_size
     counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
@@ -149,6 +159,11 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         target=TargetProjector(head, draft_ids),
         data_stats=data_stats,
         callbacks=callbacks,
+        online_target=(
+            OnlineTarget(plan.base_model, plan.target_layers, args.device, online_dtype(args.online_dtype, args.device))
+            if args.online
+            else None
+        ),
     )
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):

@@ -2,6 +2,8 @@
 
 What it changes, and nothing else (so DeepSpeed, resume, W&B, bf16 ... keep working):
 
+* ``_prepare_inputs``: the hidden states on the device (fp8 dequantized there; with
+  ``--online`` computed by the frozen target, eagle3.train.online).
 * ``compute_loss``: target distribution on the fly (frozen norm + lm_head), then one forward
   of ``Eagle3DraftForTraining`` that unrolls the TTT steps; per-step statistics accumulate
   in a small tensor per mode ("train" / "eval").
@@ -26,8 +28,10 @@ from torch.utils.data import SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from eagle3.data.codecs import decode_batch
 from eagle3.train.dataset import LengthGroupedEpochSampler
 from eagle3.train.loss import TargetProjector, metrics_from_stats, stats_size
+from eagle3.train.online import OnlineTarget
 
 BEST_MODEL_DIR = "best_model"
 FINAL_MODEL_DIR = "final_model"
@@ -35,9 +39,17 @@ EVAL_METRICS_FILE = "eagle3_eval.json"
 
 
 class Eagle3Trainer(Trainer):
-    def __init__(self, *args: Any, target: TargetProjector, data_stats: dict | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        target: TargetProjector,
+        data_stats: dict | None = None,
+        online_target: OnlineTarget | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.target = target.to(self.args.device)
+        self.online_target = online_target  # --online: the frozen target computes the states per batch
         self.data_stats = data_stats or {}
         # Per mode: TTT stats, then [real tokens, padded slots].
         size = stats_size(self.args.ttt_steps) + 2
@@ -59,6 +71,15 @@ class Eagle3Trainer(Trainer):
     def _get_eval_sampler(self, eval_dataset):
         # The eval split is stored sorted by length already: sequential order pads least.
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else super()._get_eval_sampler(eval_dataset)
+
+    # ------------------------------------------------------------------ states
+    def _prepare_inputs(self, inputs):
+        """Hidden states on the device before the usual move/cast: fp8 stores are dequantized
+        here (on the device, per batch), and with --online the target computes them."""
+        inputs = decode_batch(dict(inputs), self.args.device)
+        if self.online_target is not None:
+            inputs |= self.online_target(inputs["input_ids"], inputs["lengths"])
+        return super()._prepare_inputs(inputs)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -1,0 +1,77 @@
+"""How hidden states are laid out on disk: one codec per ``--hidden-dtype``.
+
+* ``bf16`` / ``fp16`` / ``fp32``: the states themselves, cast. bf16 is the floor a plain
+  format reaches: ``(n_aux + 1) * H * 2`` bytes per token.
+* ``fp8``: float8 e4m3 with one float32 scale per token per layer (``scale = amax / 448``),
+  about half of bf16. A scale per token and layer keeps an outlier token (Qwen3's residual
+  stream has a few very large channels on some positions) from crushing the others to zero,
+  at 4 bytes per layer per token. Decoded on the training device, per batch.
+* ``none``: no states at all (token ids and loss masks only), for online training, where the
+  target computes the states inside the training run.
+
+Nothing outside ``eagle3/data`` knows these layouts: the store writes through ``encode``, the
+dataset hands the stored tensors on as they are, and training calls ``decode_batch``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+PLAIN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HIDDEN_DTYPES = (*PLAIN_DTYPES, "fp8", "none")
+STATE_KEYS = ("aux_hidden_states", "last_hidden_states")
+SCALE_SUFFIX = "_scales"
+
+
+def has_states(hidden_dtype: str) -> bool:
+    return hidden_dtype != "none"
+
+
+def capture_dtype(hidden_dtype: str) -> torch.dtype:
+    """The dtype a backend hands its states to the store in (the store encodes from there)."""
+    return PLAIN_DTYPES.get(hidden_dtype, torch.bfloat16)
+
+
+def bytes_per_token_floor(hidden_dtype: str, num_aux: int, hidden_size: int) -> int:
+    """Bytes per token of the states alone (ids and masks add 5)."""
+    if hidden_dtype == "none":
+        return 0
+    if hidden_dtype == "fp8":
+        return (num_aux + 1) * (hidden_size + 4)
+    return (num_aux + 1) * hidden_size * PLAIN_DTYPES[hidden_dtype].itemsize
+
+
+def encode(states: torch.Tensor, num_slots: int, hidden_dtype: str) -> dict[str, torch.Tensor]:
+    """``states`` [T, num_slots * H] -> the tensors to store under its name ("" and "_scales")."""
+    if hidden_dtype in PLAIN_DTYPES:
+        return {"": states.to(PLAIN_DTYPES[hidden_dtype]).contiguous()}
+    if hidden_dtype != "fp8":
+        raise ValueError(f"hidden dtype {hidden_dtype!r} stores no states")
+    per_slot = states.float().unflatten(-1, (num_slots, -1))  # [T, n, H]
+    # The smallest normal scale keeps an all-zero row (padding, a dead layer) finite.
+    scales = (per_slot.abs().amax(-1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    quantized = (per_slot / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return {"": quantized.flatten(-2).contiguous(), SCALE_SUFFIX: scales.contiguous()}
+
+
+def decode(data: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Stored states (any leading shape, last dim num_slots * H) -> ``dtype`` on data's device."""
+    if scales is None:
+        return data
+    per_slot = data.unflatten(-1, (scales.shape[-1], -1)).float() * scales.float().unsqueeze(-1)
+    return per_slot.flatten(-2).to(dtype)
+
+
+def decode_batch(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Dequantize a collated batch's scaled states on ``device`` (other entries untouched).
+
+    Runs before the Trainer moves and casts the batch: DeepSpeed casts every floating tensor
+    to the model dtype, which would round the scales (bf16 keeps 8 bits of them).
+    """
+    for key in STATE_KEYS:
+        scales = batch.pop(key + SCALE_SUFFIX, None)
+        if scales is not None:
+            batch[key] = decode(batch[key].to(device, non_blocking=True), scales.to(device, non_blocking=True), dtype)
+    return batch

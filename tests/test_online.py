@@ -1,0 +1,82 @@
+"""Online training (the target inside training) against offline training from stored states."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import TrainerCallback
+
+from eagle3.collect.cli import main as collect_main
+from eagle3.testing import synthetic_conversations, write_jsonl
+from eagle3.train.args import parse_args
+from eagle3.train.main import train
+
+FAST = ["--report_to", "none", "--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "3"]
+FAST += ["--dataloader_num_workers", "0", "--logging_steps", "1", "--eval-ratio", "0", "--save_strategy", "no"]
+
+
+class _Losses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("chats") / "chats.jsonl", synthetic_conversations(12, seed=11))
+
+
+def _train(argv: list[str]) -> list[float]:
+    losses = _Losses()
+    train(parse_args(argv), callbacks=[losses])
+    return losses.losses
+
+
+def test_online_from_chats_equals_offline_from_stored_states(trained_target, chats, tmp_path):
+    collect = ["--model", str(trained_target), "--dataset", str(chats), "--no-regenerate", "--quiet"]
+    collect_main([*collect, "--output-dir", str(tmp_path / "states"), "--hidden-dtype", "fp32"])
+    common = ["--base-model", str(trained_target), "--max_steps", "4", "--batch-size", "4", "--lr", "3e-3", *FAST]
+
+    offline = _train(["--data-dir", str(tmp_path / "states"), "--output-dir", str(tmp_path / "offline"), *common])
+    collect_main([*collect, "--output-dir", str(tmp_path / "ids"), "--no-states"])
+    online = _train(
+        ["--online", "--data-dir", str(tmp_path / "ids"), "--output-dir", str(tmp_path / "online"), *common]
+    )
+    assert len(offline) == 4 and len(online) == 4
+    for step, (a, b) in enumerate(zip(offline, online, strict=True)):
+        assert b == pytest.approx(a, rel=1e-4), (step, offline, online)
+
+    manifest = json.loads((tmp_path / "ids" / "manifest.json").read_text())
+    states = json.loads((tmp_path / "states" / "manifest.json").read_text())
+    assert manifest["num_tokens"] == states["num_tokens"]
+    assert manifest["num_bytes"] / manifest["num_tokens"] < 0.02 * states["num_bytes"] / states["num_tokens"]
+
+
+def test_online_from_dataset_regenerates_into_the_output_dir_and_resumes(trained_target, chats, tmp_path):
+    argv = ["--online", "--dataset", str(chats), "--base-model", str(trained_target), "--output-dir", str(tmp_path)]
+    argv += ["--max_steps", "2", "--batch-size", "4", *FAST]
+    assert len(_train(argv)) == 2
+    manifest = json.loads((tmp_path / "online_data" / "manifest.json").read_text())
+    assert manifest["hidden_dtype"] == "none" and manifest["num_samples"] == 12
+    assert manifest["settings"]["regenerate"] is True
+    shards = sorted(p.name for p in (tmp_path / "online_data").glob("shard-*"))
+    assert len(_train(argv)) == 2  # a rerun reuses the stored answers: nothing regenerated twice
+    assert sorted(p.name for p in (tmp_path / "online_data").glob("shard-*")) == shards
+    assert (tmp_path / "best_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "x.jsonl"], "--dataset is for --online"),
+        (["--online"], "either --dataset"),
+        (["--online", "--dataset", "x.jsonl"], "needs --base-model"),
+    ],
+)
+def test_online_flags_are_checked_before_any_work(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args([*argv, "--report_to", "none"])
