@@ -137,6 +137,7 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
     draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
     data_stats = {
+        "hidden_states": "online" if args.online else store.manifest["hidden_dtype"],
         "num_train_samples": len(train_set),
         "num_eval_samples": len(eval_set or []),
         "num_train_tokens": int(sum(train_set.lengths)),
