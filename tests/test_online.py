@@ -74,9 +74,10 @@ def test_online_from_dataset_regenerates_into_the_output_dir_and_resumes(trained
     [
         (["--dataset", "x.jsonl"], "--dataset is for --online"),
         (["--online"], "either --dataset"),
-        (["--online", "--dataset", "x.jsonl"], "needs --base-model"),
+        (["--online", "--dataset", "x.jsonl"], "needs --model"),
     ],
 )
-def test_online_flags_are_checked_before_any_work(argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_online_flags_are_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         parse_args([*argv, "--report_to", "none"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
