@@ -2,6 +2,7 @@
 
 eagle3 check DRAFT_DIR --model TARGET       strict vLLM contract check (exit 1 on problems)
 eagle3 new-draft --model TARGET --output DIR [--layers 1,3,4] [--draft-arch qwen3|llama]
+                 [--draft-variant eagle3|eagle3.1]
 eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
 """
 
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from eagle3.config import Eagle3ConfigError, parse_layers
+from eagle3.config import DRAFT_VARIANTS, Eagle3ConfigError, parse_layers
 
 
 def new_draft(
@@ -22,6 +23,7 @@ def new_draft(
     draft_vocab_size: int | None = None,
     draft_arch: str = "qwen3",
     seed: int = 0,
+    draft_variant: str = "eagle3",
 ) -> Path:
     """Save an untrained draft for ``target``: sizes from its config, lm_head from its rows.
 
@@ -43,6 +45,7 @@ def new_draft(
         draft_vocab_size=draft_vocab_size,
         target_model_name_or_path=str(target),
         draft_arch=draft_arch,
+        draft_variant=draft_variant,
     )
     model = Eagle3Qwen3ForCausalLM(config)
     draft_ids = torch.arange(config.draft_vocab_size)
@@ -69,6 +72,7 @@ def _cmd_new_draft(args: argparse.Namespace) -> int:
         num_draft_layers=args.num_draft_layers,
         draft_vocab_size=args.draft_vocab_size,
         draft_arch=args.draft_arch,
+        draft_variant=args.draft_variant,
     )
     print(f"saved an untrained draft to {path}")
     return 0
@@ -115,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--num-draft-layers", type=int, default=1, help="decoder layers in the draft")
     draft.add_argument("--draft-vocab-size", type=int, help="draft lm_head size (default: the target's vocabulary)")
     draft.add_argument("--draft-arch", choices=["qwen3", "llama"], default="qwen3", help="vLLM class of the draft")
+    draft.add_argument(
+        "--draft-variant",
+        choices=sorted(DRAFT_VARIANTS),
+        default="eagle3",
+        help="eagle3, or eagle3.1 (fc_norm + norm_output)",
+    )
     draft.set_defaults(run=_cmd_new_draft)
 
     tiny = commands.add_parser(

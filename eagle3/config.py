@@ -52,6 +52,40 @@ DRAFT_ARCHITECTURES = {
 }
 
 
+# --draft-variant: named bundles of vLLM's EAGLE-3 norm switches (each also a flag of its own).
+# vLLM 0.32 reads these four config keys in both qwen3_eagle3.py and llama_eagle3.py:
+#   fc_norm               one RMSNorm per aux layer chunk before ``fc`` (weights fc_norm.{i}.weight)
+#   norm_before_fc        one RMSNorm over the whole concatenated aux vector (weight input_norm.weight)
+#   norm_output           the next draft step is fed the POST-norm hidden state instead of the pre-norm one
+#   norm_before_residual  layer 0's residual is hidden_norm(h) instead of h
+# EAGLE-3.1 (speculators) = fc_norm + norm_output.
+NORM_FIELDS = ("fc_norm", "norm_before_fc", "norm_output", "norm_before_residual")
+DRAFT_VARIANTS: dict[str, dict[str, bool]] = {
+    "eagle3": {name: False for name in NORM_FIELDS},
+    "eagle3.1": {"fc_norm": True, "norm_before_fc": False, "norm_output": True, "norm_before_residual": False},
+}
+
+
+def variant_fields(variant: str | None, **overrides: bool | None) -> dict[str, bool]:
+    """The four norm switches of ``variant`` with any explicitly given ones (not None) on top."""
+    variant = variant or "eagle3"
+    if variant not in DRAFT_VARIANTS:
+        raise Eagle3ConfigError(f"--draft-variant must be one of {sorted(DRAFT_VARIANTS)}, got {variant!r}.")
+    fields = dict(DRAFT_VARIANTS[variant])
+    for name, value in overrides.items():
+        if name not in fields:
+            raise Eagle3ConfigError(f"unknown norm switch {name!r}; known: {', '.join(NORM_FIELDS)}")
+        if value is not None:
+            fields[name] = bool(value)
+    return fields
+
+
+def variant_name(fields: dict[str, Any]) -> str:
+    """``eagle3`` / ``eagle3.1`` when the switches match a named variant, else ``custom``."""
+    values = {name: bool(fields.get(name, False)) for name in NORM_FIELDS}
+    return next((name for name, preset in DRAFT_VARIANTS.items() if preset == values), "custom")
+
+
 class Eagle3ConfigError(ValueError):
     """A draft configuration that would silently produce a broken draft."""
 
@@ -124,6 +158,9 @@ class Eagle3Qwen3Config(Qwen3Config):
         eagle_aux_hidden_state_layer_ids: Sequence[int] | None = None,
         target_model_name_or_path: str | None = None,
         norm_before_residual: bool = False,
+        fc_norm: bool = False,
+        norm_before_fc: bool = False,
+        norm_output: bool = False,
         draft_arch: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -156,7 +193,10 @@ class Eagle3Qwen3Config(Qwen3Config):
                 "disagree; fix one of them."
             )
         self.target_model_name_or_path = target_model_name_or_path
-        self.norm_before_residual = norm_before_residual
+        self.norm_before_residual = bool(norm_before_residual)
+        self.fc_norm = bool(fc_norm)
+        self.norm_before_fc = bool(norm_before_fc)
+        self.norm_output = bool(norm_output)
         self.validate_eagle3()
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,6 +225,10 @@ class Eagle3Qwen3Config(Qwen3Config):
     def num_aux_layers(self) -> int:
         return len(self.target_layers or [])
 
+    @property
+    def draft_variant(self) -> str:
+        return variant_name(vars(self))
+
     def validate_eagle3(self) -> None:
         """Raise Eagle3ConfigError on anything that would give a silently broken draft."""
         if self.draft_vocab_size > self.vocab_size:
@@ -210,6 +254,8 @@ class Eagle3Qwen3Config(Qwen3Config):
         draft_vocab_size: int | None = None,
         target_model_name_or_path: str | None = None,
         draft_arch: str = "qwen3",
+        draft_variant: str = "eagle3",
+        **norm_overrides: bool | None,
     ) -> Eagle3Qwen3Config:
         """Build a draft config whose sizes, rope and vocab are copied from the target's."""
         num_target_layers = target_config.num_hidden_layers
@@ -229,6 +275,7 @@ class Eagle3Qwen3Config(Qwen3Config):
             use_sliding_window=False,
             draft_vocab_size=draft_vocab_size or vocab_size,
             draft_arch=draft_arch,
+            **variant_fields(draft_variant, **norm_overrides),
             target_hidden_size=target_config.hidden_size,
             target_num_hidden_layers=num_target_layers,
             target_layers=target_layers,

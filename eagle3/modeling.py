@@ -3,6 +3,8 @@
 Layout (no ``model.`` prefix, see vLLM's ``qwen3_eagle3.py``)::
 
     fc                      Linear(n_aux * target_H -> H), fuses the target's aux states
+    fc_norm.{i}             (fc_norm, EAGLE-3.1) RMSNorm of aux chunk i before fc
+    input_norm              (norm_before_fc) RMSNorm over the whole aux vector before fc
     midlayer.*              decoder layer 0: q/k/v read [input_layernorm(embed), hidden_norm(h)] (2H)
     layers.{i}.*            extra decoder layers (i >= 1, --num-draft-layers > 1), H inputs,
                             fused add-norm on (hidden, residual) as in vLLM
@@ -12,8 +14,8 @@ Layout (no ``model.`` prefix, see vLLM's ``qwen3_eagle3.py``)::
     embed_tokens            frozen copy of the target's embedding; never saved (vLLM shares the target's)
 
 One draft *step* maps (hidden state, next-token embedding) at each position to the draft's
-pre-norm hidden state there. Training unrolls several steps (training-time test) through
-``Eagle3Cache`` in "ttt" mode; speculative decoding appends to it in "append" mode.
+pre-norm hidden state there (the post-norm one with ``norm_output``, EAGLE-3.1). Training
+unrolls several steps (training-time test) through ``Eagle3Cache`` in "ttt" mode; speculative decoding appends to it in "append" mode.
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ class Eagle3DecoderLayer(nn.Module):
 
 @dataclass
 class Eagle3Output(ModelOutput):
-    """One draft step: ``logits`` over the draft vocab, ``hidden_states`` = pre-norm output
-    (what the next step consumes), and the cache to continue from."""
+    """One draft step: ``logits`` over the draft vocab, ``hidden_states`` = what the next step
+    consumes (pre-norm output; post-norm with ``norm_output``), and the cache to continue from."""
 
     logits: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
@@ -230,7 +232,17 @@ class Eagle3Qwen3ForCausalLM(PreTrainedModel):
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(config.num_aux_layers * config.target_hidden_size, hidden, bias=False)
+        fc_input = config.num_aux_layers * config.target_hidden_size
+        # vLLM applies input_norm first, then fc_norm per chunk (combine_hidden_states).
+        self.input_norm = Qwen3RMSNorm(fc_input, eps=config.rms_norm_eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList(
+                Qwen3RMSNorm(config.target_hidden_size, eps=config.rms_norm_eps) for _ in range(config.num_aux_layers)
+            )
+            if config.fc_norm
+            else None
+        )
+        self.fc = nn.Linear(fc_input, hidden, bias=False)
         self.midlayer = Eagle3DecoderLayer(config, 0)
         # Extra layers are named layers.1, layers.2, ... which is what vLLM's mapper expects
         # (it renames midlayer. to layers.0.).
@@ -286,8 +298,15 @@ class Eagle3Qwen3ForCausalLM(PreTrainedModel):
 
     # ----------------------------------------------------------------- forward
     def combine_hidden_states(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
-        """fc over the concatenated aux states [.., n_aux * target_H] (vLLM's name)."""
-        return self.fc(aux_hidden_states.to(self.fc.weight.dtype))
+        """fc over the concatenated aux states [.., n_aux * target_H] (vLLM's name and order:
+        input_norm, then one fc_norm per aux chunk, then fc)."""
+        hidden = aux_hidden_states.to(self.fc.weight.dtype)
+        if self.input_norm is not None:
+            hidden = self.input_norm(hidden)
+        if self.fc_norm is not None:
+            chunks = hidden.chunk(len(self.fc_norm), dim=-1)
+            hidden = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, chunks, strict=True)], dim=-1)
+        return self.fc(hidden)
 
     def draft_step(
         self,
@@ -296,13 +315,15 @@ class Eagle3Qwen3ForCausalLM(PreTrainedModel):
         position_ids: torch.Tensor,
         cache: Eagle3Cache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step. Returns (normed hidden for lm_head, pre-norm hidden for the next step)."""
+        """One draft step. Returns (normed hidden for lm_head, hidden for the next step): the
+        pre-norm state, or with ``norm_output`` (EAGLE-3.1) the normed one, as vLLM feeds back."""
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         residual = None
         for layer in [self.midlayer, *self.layers.values()]:
             hidden_states, residual = layer(inputs_embeds, hidden_states, residual, position_embeddings, cache)
         prenorm = hidden_states + residual
-        return self.norm(prenorm), prenorm
+        normed = self.norm(prenorm)
+        return normed, normed if self.config.norm_output else prenorm
 
     def compute_logits(self, normed_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(normed_hidden_states)
@@ -336,5 +357,5 @@ class Eagle3Qwen3ForCausalLM(PreTrainedModel):
             start = cache.seq_length()
             position_ids = torch.arange(start, start + hidden_states.shape[1], device=hidden_states.device)
             position_ids = position_ids.unsqueeze(0).expand(hidden_states.shape[0], -1)
-        normed, prenorm = self.draft_step(hidden_states, inputs_embeds, position_ids, cache)
-        return Eagle3Output(logits=self.compute_logits(normed), hidden_states=prenorm, cache=cache)
+        normed, next_hidden = self.draft_step(hidden_states, inputs_embeds, position_ids, cache)
+        return Eagle3Output(logits=self.compute_logits(normed), hidden_states=next_hidden, cache=cache)

@@ -106,6 +106,36 @@ def test_each_silent_failure_is_caught(good_draft, random_target, tmp_path, edit
     assert all("fix:" in str(problem) for problem in problems)
 
 
+@pytest.fixture(scope="module")
+def eagle3_1_draft(random_target, tmp_path_factory):
+    return new_draft(random_target, tmp_path_factory.mktemp("draft31") / "eagle3.1", draft_variant="eagle3.1")
+
+
+def _switch_off(name):
+    def edit(config):
+        config[name] = False
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit_config", "severity", "message"),
+    [
+        (_switch_off("fc_norm"), "error", "weights hold fc_norm.*"),
+        (_switch_off("norm_output"), "warning", "neither EAGLE-3 (all off) nor EAGLE-3.1"),
+        (lambda config: config.update(norm_before_fc=True), "error", "tensor input_norm.weight"),
+    ],
+    ids=["fc-norm-off", "norm-output-off", "norm-before-fc-without-weights"],
+)
+def test_norm_switches_must_match_the_weights(eagle3_1_draft, random_target, tmp_path, edit_config, severity, message):
+    """vLLM follows fc_norm / norm_output / norm_before_fc silently: a config that does not match
+    the trained draft changes its math without an error."""
+    assert check_draft(eagle3_1_draft, random_target) == []
+    path = broken_copy(eagle3_1_draft, tmp_path, edit_config=edit_config)
+    problems = [p for p in check_draft(path, random_target) if p.severity == severity]
+    assert any(message in str(problem) for problem in problems), [str(p) for p in check_draft(path, random_target)]
+
+
 def test_stray_safetensors_file(good_draft, random_target, tmp_path):
     path = broken_copy(good_draft, tmp_path)
     save_file({"x": torch.zeros(1)}, path / "old_checkpoint.safetensors")

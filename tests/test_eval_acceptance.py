@@ -1,7 +1,7 @@
 """Acceptance length measured in-process and in vLLM agrees, and a trained draft beats an untrained one.
 
 Short training runs on data collected from the tiny trained target, one per draft shape
-(qwen3 with 1 and 2 draft layers, llama format); held-out prompts (another seed than the
+(qwen3 with 1 and 2 draft layers, llama format, EAGLE-3.1); held-out prompts (another seed than the
 training data). In-process (hf) speculation and vLLM's own counters run on the same prompt
 token ids, draft and k at temperature 0. Agreement for each shape is also what shows that our
 PyTorch draft computes what vLLM's Eagle3Qwen3 / Eagle3Llama classes compute.
@@ -29,6 +29,9 @@ SHAPES = {
     "trained": [],  # the default: qwen3 format, one draft layer
     "two_layers": ["--num-draft-layers", "2"],
     "llama": ["--draft-arch", "llama"],
+    # EAGLE-3.1 (fc_norm + norm_output) with the acceptance-aware loss: agreement shows vLLM
+    # applies the same norms and feeds back the same (post-norm) state as our model.
+    "eagle3_1": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda"],
 }
 DRAFTS = [*SHAPES, "untrained"]
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from eagle3.config import (
+    NORM_FIELDS,
     Eagle3ConfigError,
     Eagle3Qwen3Config,
     default_target_layers,
@@ -98,8 +99,10 @@ def test_saved_config_is_readable_by_autoconfig(target_config, tmp_path):
         {"draft_vocab_size": 500},
         {"num_draft_layers": 2},
         {"draft_arch": "llama", "draft_vocab_size": 300},
+        {"draft_variant": "eagle3.1", "draft_vocab_size": 500},
+        {"draft_arch": "llama", "draft_variant": "eagle3.1", "norm_before_fc": True},
     ],
-    ids=["qwen3-reduced-vocab", "qwen3-2-layers", "llama"],
+    ids=["qwen3-reduced-vocab", "qwen3-2-layers", "llama", "eagle3.1", "llama-eagle3.1-norm-before-fc"],
 )
 def test_round_trip_is_bit_exact(target_config, tmp_path, kwargs):
     model = make_draft(target_config, **kwargs)
@@ -126,6 +129,13 @@ def test_round_trip_is_bit_exact(target_config, tmp_path, kwargs):
     expected = set(expected_tensors(config, model.config.draft_arch))
     assert names - {"t2d"} == expected
     assert "embed_tokens.weight" not in names
+    # The norm switches are saved under the keys vLLM reads, and their weights under vLLM's names.
+    for name in NORM_FIELDS:
+        assert config[name] == getattr(model.config, name)
+    if kwargs.get("draft_variant") == "eagle3.1":
+        assert config["fc_norm"] and config["norm_output"]
+        assert {f"fc_norm.{i}.weight" for i in range(model.config.num_aux_layers)} <= names
+    assert ("input_norm.weight" in names) == bool(kwargs.get("norm_before_fc"))
     if kwargs.get("draft_arch") == "llama":
         assert config["model_type"] == "llama"
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
@@ -190,6 +200,39 @@ def test_incremental_decoding_equals_full_forward(target_config):
         ]
     torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
     assert isinstance(cache, Eagle3Cache) and cache.seq_length() == 6
+
+
+def test_eagle3_1_norms_and_fed_back_state(target_config):
+    """fc_norm: one RMSNorm per aux chunk before fc; norm_output: the next step gets the normed state."""
+    model = make_draft(target_config, draft_variant="eagle3.1").eval()
+    with torch.no_grad():
+        for i, norm in enumerate(model.fc_norm):
+            norm.weight.fill_(1.0 + i)
+    size = model.config.target_hidden_size
+    aux = torch.randn(1, 5, model.config.num_aux_layers * size)
+    chunks = aux.split(size, dim=-1)
+    expected = torch.cat(
+        [
+            (1.0 + i) * c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
+            for i, c in enumerate(chunks)
+        ],
+        dim=-1,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model.combine_hidden_states(aux), model.fc(expected), atol=1e-5, rtol=1e-5)
+        ids = torch.randint(0, model.config.vocab_size, (1, 5))
+        hidden = model.combine_hidden_states(aux)
+        normed, fed_back = model.draft_step(hidden, model.embed_tokens(ids), torch.arange(5)[None], model.new_cache())
+    assert torch.equal(normed, fed_back)
+    plain = make_draft(target_config).eval()
+    with torch.no_grad():
+        normed, fed_back = plain.draft_step(hidden, plain.embed_tokens(ids), torch.arange(5)[None], plain.new_cache())
+    assert not torch.allclose(normed, fed_back)
+
+
+def test_unknown_draft_variant_is_refused(target_config):
+    with pytest.raises(Eagle3ConfigError, match="--draft-variant must be one of"):
+        Eagle3Qwen3Config.from_target_config(target_config, draft_variant="eagle4")
 
 
 # --------------------------------------------------------------------------- tiny target

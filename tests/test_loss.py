@@ -1,11 +1,12 @@
 """The TTT unroll and its loss on a tiny random draft (no data on disk needed)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from eagle3.config import Eagle3Qwen3Config
 from eagle3.target import TargetHead
-from eagle3.train.loss import TargetProjector, metrics_from_stats, ttt_loss
+from eagle3.train.loss import TargetProjector, count_items, metrics_from_stats, step_loss, ttt_loss
 from eagle3.train.model import Eagle3DraftForTraining
 
 H, V, VD, T = 64, 96, 48, 12
@@ -114,9 +115,91 @@ def test_head_checkpointing_gives_the_same_loss_and_gradients():
 
 def test_acceptance_estimators():
     steps = 3
-    # per step: ce_sum, hits, valid, run positions; then assistant positions
-    stats = torch.tensor([0.0, 8, 10, 8, 0, 5, 10, 4, 0, 5, 10, 1, 10])
+    # per step: loss_sum, hits, valid, runs alive, positions eligible; then assistant positions
+    stats = torch.tensor([0.0, 8, 10, 8, 10, 0, 5, 10, 4, 8, 0, 5, 10, 1, 4, 10])
     metrics = metrics_from_stats(stats, steps)
     assert abs(metrics["acc_0"] - 0.8) < 1e-9 and abs(metrics["cum_acc_2"] - 0.8 * 0.5 * 0.5) < 1e-9
     assert abs(metrics["accept_len_product"] - (1 + 0.8 + 0.4 + 0.2)) < 1e-9
     assert abs(metrics["accept_len"] - (1 + (8 + 4 + 1) / 10)) < 1e-9
+
+
+def _logits_and_target(seed=3, n=6, v=10):
+    torch.manual_seed(seed)
+    logits = torch.randn(1, n, v, requires_grad=True)
+    probs = torch.randn(1, n, v).mul(2).softmax(-1)
+    valid = torch.tensor([[True, True, False, True, True, True]])
+    return logits, probs, valid
+
+
+def test_forward_kl_is_soft_ce_minus_target_entropy_with_the_same_gradient():
+    logits, probs, valid = _logits_and_target()
+    ce = step_loss(logits, probs, valid, "soft_ce")
+    (grad_ce,) = torch.autograd.grad(ce, logits)
+    kl = step_loss(logits, probs, valid, "forward_kl")
+    (grad_kl,) = torch.autograd.grad(kl, logits)
+    entropy = -(probs * probs.log()).sum(-1)
+    assert torch.allclose(kl, ce - (entropy * valid).sum(), atol=1e-5)
+    assert kl > 0 and torch.allclose(grad_ce, grad_kl, atol=1e-6)
+
+
+def test_lk_lambda_mixes_kl_and_acceptance_by_the_detached_mean_acceptance():
+    logits, probs, valid = _logits_and_target()
+    q = logits.softmax(-1)
+    alpha = torch.minimum(probs, q).sum(-1)
+    kl = (probs * (probs.log() - q.log())).sum(-1)
+    w = torch.exp(-alpha[valid].mean()).detach()
+    expected = ((w * kl + (1 - w) * (1 - alpha)) * valid).sum()
+    assert torch.allclose(step_loss(logits, probs, valid, "lk_lambda"), expected, atol=1e-5)
+    # a draft equal to the target: full acceptance, zero loss
+    assert step_loss(probs.log(), probs, valid, "lk_lambda").abs() < 1e-5
+    with pytest.raises(ValueError, match="unknown loss"):
+        step_loss(logits, probs, valid, "reverse_kl")
+
+
+def test_num_items_normalises_over_the_whole_accumulated_step():
+    """Two micro-batches of unequal size, each divided by the step's total count, add up to the
+    per-token mean over both; per-micro-batch means would weigh the small one's tokens more."""
+    draft, head = _draft(steps=2), _head()
+    batch = _batch(b=3)
+    batch["mask"][2, :8] = False  # sample 2 has fewer answer tokens
+    projector = TargetProjector(head, draft.draft_to_target_ids())
+    whole = projector(batch["last"], batch["mask"])
+    total = count_items(batch["mask"])
+    assert total == whole.assistant[:, 1:].sum()
+
+    def part(rows, num_items=None):
+        target = projector(batch["last"][rows], batch["mask"][rows])
+        loss, _ = ttt_loss(draft, batch["input_ids"][rows], batch["aux"][rows], target, 2, 0.8, num_items=num_items)
+        return loss
+
+    accumulated = part([0, 1], total) + part([2], total)
+    assert torch.allclose(accumulated, part([0, 1, 2], total), atol=1e-5)
+    assert not torch.allclose(accumulated, (part([0, 1]) + part([2])) / 2, atol=1e-3)
+
+
+def test_run_estimator_skips_steps_fed_a_non_greedy_data_token():
+    draft, head = _draft(steps=3), _head()
+    batch = _batch(b=1)
+    projector = TargetProjector(head, draft.draft_to_target_ids())
+    target = projector(batch["last"], batch["mask"])
+    # Data the target would have generated greedily wherever its argmax is in the draft vocab.
+    greedy_ids = batch["input_ids"].clone()
+    greedy_ids[:, 1:] = torch.where(
+        target.valid[:, :-1], draft.draft_to_target_ids()[target.pred[:, :-1]], greedy_ids[:, 1:]
+    )
+    on_policy = projector(batch["last"], batch["mask"], greedy_ids)
+    assert torch.equal(on_policy.greedy, on_policy.valid)
+    draft.eval()
+    _, stats_unknown = ttt_loss(draft, greedy_ids, batch["aux"], target, 3, 0.8)
+    _, stats_greedy = ttt_loss(draft, greedy_ids, batch["aux"], on_policy, 3, 0.8)
+    assert torch.equal(stats_unknown, stats_greedy)  # greedy data: nothing changes
+    # Data that deviates from the target's choice at s: a run fed that token is no longer eligible.
+    off = greedy_ids.clone()
+    off[:, 1:] = (off[:, 1:] + 1) % V
+    off_policy = projector(batch["last"], batch["mask"], off)
+    assert not off_policy.greedy.any()
+    _, stats = ttt_loss(draft, off, batch["aux"], off_policy, 3, 0.8)
+    per_step = stats[:-1].view(3, 5)
+    assert per_step[1:, 4].sum() == 0  # steps >= 1 never eligible
+    metrics = metrics_from_stats(stats, 3)
+    assert abs(metrics["accept_len"] - (1 + float(per_step[0, 3] / per_step[0, 4]))) < 1e-9

@@ -49,6 +49,14 @@ class EvalArgs:
     no_baseline: bool = field(
         default=False, metadata={"help": "Skip the target-only run (no speedup, no lossless check)."}
     )
+    draft_sampling: str = field(
+        default="greedy",
+        metadata={
+            "help": "Above temperature 0 (hf backend): greedy = vLLM's default draft_sample_method (the draft's "
+            "argmax, kept with probability p_target); probabilistic = sample the draft, keep with min(1, p/q).",
+            "choices": ["greedy", "probabilistic"],
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, what in (("model", "the target's folder or Hub id"), ("draft", "the draft folder")):

@@ -22,6 +22,8 @@ class AcceptanceReport:
     seconds_speculative: float
     seconds_baseline: float | None = None
     lossless: bool | None = None  # temperature 0: output identical to target-only decoding
+    # training's teacher-forced estimate (accept_len, k steps) on the same prompts and answers (hf)
+    teacher_forced_acceptance_length: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -63,8 +65,10 @@ class AcceptanceReport:
             ("prompts / target steps", f"{self.num_prompts} / {self.rounds}"),
             ("acceptance length", f"{self.acceptance_length:.3f}"),
             ("per-position acceptance", " ".join(f"{rate:.2f}" for rate in self.per_position_acceptance)),
-            ("tokens/s speculative", f"{self.tokens_per_second:.1f}"),
         ]
+        if self.teacher_forced_acceptance_length is not None:
+            rows.append(("training estimate (teacher-forced)", f"{self.teacher_forced_acceptance_length:.3f}"))
+        rows.append(("tokens/s speculative", f"{self.tokens_per_second:.1f}"))
         if self.seconds_baseline:
             rows.append(("tokens/s target only", f"{self.generated_tokens / self.seconds_baseline:.1f}"))
             rows.append(("speedup", f"{self.speedup:.2f}x"))

@@ -1,7 +1,9 @@
 """run_eval.py's library side: prompts, input checks, the two backends, the report.
 
 Three views of one quantity (see README "Three views of one number"):
-* training's simulated acceptance length (teacher-forced, from stored target states),
+* training's simulated acceptance length (teacher-forced, from stored target states); the hf
+  backend also computes it on the very prompts and answers it evaluates (T=0), as
+  ``teacher_forced_acceptance_length``,
 * ``--backend hf``: real chain speculation in this process,
 * ``--backend vllm``: vLLM's own spec-decode counters.
 All three count 1 + accepted draft tokens per target step; hf and vLLM run the same
@@ -80,7 +82,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     target = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
     draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
-    decoder = SpeculativeDecoder(target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed)
+    decoder = SpeculativeDecoder(
+        target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed, draft_sampling=args.draft_sampling
+    )
     report = AcceptanceReport(
         backend="hf",
         model=args.model,
@@ -96,8 +100,12 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         seconds_baseline=None if args.no_baseline else 0.0,
         lossless=None if args.no_baseline or args.temperature > 0 else True,
     )
+    teacher_forced = None
     for prompt in tqdm(prompts, desc="speculative decoding (hf)", unit="prompt"):
         result = decoder.generate(prompt, args.max_new_tokens)
+        if args.temperature == 0:  # the estimate assumes greedy answers
+            stats = decoder.teacher_forced_stats(prompt, result.output_ids)
+            teacher_forced = stats if teacher_forced is None else teacher_forced + stats
         report.rounds += result.rounds
         report.accepted_tokens += result.accepted
         report.accepted_per_position = [
@@ -111,6 +119,11 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
             if report.lossless is not None and baseline != result.output_ids:
                 report.lossless = False
     decoder.close()
+    if teacher_forced is not None:
+        from eagle3.train.loss import metrics_from_stats
+
+        metrics = metrics_from_stats(teacher_forced, args.num_speculative_tokens)
+        report.teacher_forced_acceptance_length = metrics["accept_len"]
     return report
 
 

@@ -6,8 +6,11 @@ It mirrors what vLLM does with ``method: "eagle3"`` so the two measurements agre
 * each round the draft proposes k tokens from (the target's aux states, the next token),
   feeding its own pre-norm hidden state back for steps 2..k, at rope positions t+i;
 * the target verifies the k tokens in one forward: at temperature 0 the longest prefix equal to
-  its own greedy choices is kept plus one bonus token; above 0 the standard rejection-sampling
-  rule keeps the output distribution exactly the target's;
+  its own greedy choices is kept plus one bonus token. Above 0, by default as vLLM
+  (``draft_sample_method="greedy"``): the draft proposes its argmax, treated as a one-hot q, so a
+  token is kept with probability p_target(token) and a rejection resamples from p with that token
+  removed. ``draft_sampling="probabilistic"`` (vLLM's other option) samples the draft and keeps a
+  token with min(1, p/q), resampling from max(p - q, 0). Both keep the output distribution p;
 * the draft's cache keeps only entries computed from target states: after verification the
   accepted tokens are re-read with the target's aux states, as vLLM's proposer does.
 
@@ -61,6 +64,9 @@ class SpeculativeResult:
         return 1.0 + self.accepted / self.rounds if self.rounds else None
 
 
+DRAFT_SAMPLING = ("greedy", "probabilistic")  # vLLM's SpeculativeConfig.draft_sample_method
+
+
 def _probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
@@ -75,7 +81,11 @@ class SpeculativeDecoder:
         num_speculative_tokens: int = 3,
         temperature: float = 0.0,
         seed: int = 0,
+        draft_sampling: str = "greedy",
     ) -> None:
+        if draft_sampling not in DRAFT_SAMPLING:
+            raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING}, got {draft_sampling!r}")
+        self.draft_sampling = draft_sampling
         self.target = target.eval()
         self.draft = draft.eval()
         self.k = num_speculative_tokens
@@ -87,6 +97,7 @@ class SpeculativeDecoder:
         eos = eos if eos is not None else target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.recorder = AuxStateRecorder(target, draft.config.target_layers)
+        self._projector = None  # built on first teacher_forced_stats
 
     # ------------------------------------------------------------------ pieces
     def _target_forward(self, ids: list[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +121,7 @@ class SpeculativeDecoder:
         """The draft's token (a target id) from its last position; above temperature 0 the draft
         distribution it was sampled from is appended to ``distributions`` for verification."""
         logits = self.draft.compute_logits(normed)[0, -1]
-        if self.temperature == 0:
+        if self.temperature == 0 or self.draft_sampling == "greedy":
             return int(self.draft_to_target[int(logits.argmax())])
         q = self._draft_distribution(logits)
         distributions.append(q)
@@ -133,6 +144,15 @@ class SpeculativeDecoder:
             if self.temperature == 0:
                 if int(target_logits[j].argmax()) != token:
                     return kept + [int(target_logits[j].argmax())]
+            elif self.draft_sampling == "greedy":
+                # q is one-hot on the draft's argmax: keep with probability p(token); on rejection
+                # resample from max(p - onehot, 0), i.e. p without that token (vLLM's NO_DRAFT_PROBS path).
+                p = _probabilities(target_logits[j], self.temperature)
+                if torch.rand(1, generator=self.generator).item() >= float(p[token]):
+                    residual = p.clone()
+                    residual[token] = 0
+                    residual = residual / residual.sum() if residual.sum() > 0 else p
+                    return kept + [int(torch.multinomial(residual, 1, generator=self.generator))]
             else:
                 p = _probabilities(target_logits[j], self.temperature)
                 if torch.rand(1, generator=self.generator).item() >= min(1.0, float(p[token] / q[j][token])):
@@ -189,6 +209,40 @@ class SpeculativeDecoder:
         result.output_ids = output[: eos_at + 1] if eos_at is not None else output[:max_new_tokens]
         result.seconds = time.perf_counter() - start
         return result
+
+    @torch.no_grad()
+    def teacher_forced_stats(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        """Training's acceptance estimate on this answer: one target forward over prompt + answer,
+        then the TTT unroll (k steps) exactly as training evaluates it (``eagle3.train.loss``).
+
+        The first answer token is left out, as speculation never drafts it. Returns the stats
+        vector; sum it over prompts and read it with ``metrics_from_stats(stats, k)``.
+        """
+        from eagle3.target import TargetHead
+        from eagle3.train.loss import TargetProjector, ttt_loss
+
+        if self._projector is None:
+            head = TargetHead(
+                config=self.target.config,
+                embed_tokens=self.target.get_input_embeddings().weight,
+                norm=self.target.model.norm.weight,
+                lm_head=self.target.get_output_embeddings().weight,
+            )
+            self._projector = TargetProjector(head, self.draft.draft_to_target_ids().cpu())
+        ids = torch.tensor([prompt_ids + output_ids])
+        captured: dict[str, torch.Tensor] = {}
+        hook = self.target.model.layers[-1].register_forward_hook(
+            lambda _m, _a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)
+        )
+        try:
+            self.target(input_ids=ids)
+        finally:
+            hook.remove()
+        loss_mask = torch.zeros_like(ids, dtype=torch.bool)
+        loss_mask[:, len(prompt_ids) + 1 :] = True
+        target = self._projector(captured["last"], loss_mask, ids)
+        _, stats = ttt_loss(self.draft, ids, self.recorder.concatenated(), target, self.k, 1.0)
+        return stats
 
     @torch.no_grad()
     def generate_target_only(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:

@@ -46,6 +46,10 @@ def expected_tensors(config: dict, draft_arch: str) -> dict[str, tuple[int, ...]
     n_aux = len(config.get("eagle_aux_hidden_state_layer_ids") or [None] * 3)
     target_hidden = config.get("target_hidden_size") or hidden
     shapes: dict[str, tuple[int, ...]] = {"fc.weight": (hidden, n_aux * target_hidden), "norm.weight": (hidden,)}
+    if config.get("fc_norm"):
+        shapes |= {f"fc_norm.{i}.weight": (target_hidden,) for i in range(n_aux)}
+    if _norm_before_fc(config):
+        shapes["input_norm.weight"] = (n_aux * target_hidden,)
     for layer in range(config.get("num_hidden_layers", 1)):
         prefix = "midlayer." if layer == 0 else f"layers.{layer}."
         qkv_in = 2 * hidden if layer == 0 else hidden
@@ -73,6 +77,63 @@ def expected_tensors(config: dict, draft_arch: str) -> dict[str, tuple[int, ...]
     if draft_vocab < config["vocab_size"]:
         shapes["d2t"] = (draft_vocab,)
     return shapes
+
+
+def _norm_before_fc(config: dict) -> bool:
+    """vLLM reads norm_before_fc from a nested eagle_config first, then the top level."""
+    eagle_config = config.get("eagle_config") or {}
+    return bool(eagle_config.get("norm_before_fc", config.get("norm_before_fc", False)))
+
+
+def _check_variant(config: dict, tensors: set[str], problems: list[Problem]) -> None:
+    """The norm switches vLLM reads silently change its math: they must match the weights.
+
+    fc_norm.* / input_norm weights without their switch are dropped or rejected by vLLM (and
+    with the switch but without weights the norms stay all-ones, caught as missing tensors).
+    norm_output and norm_before_residual have no weights; a config that is no known variant
+    (EAGLE-3: all off; EAGLE-3.1: fc_norm + norm_output) is most likely a hand edit.
+    """
+    from eagle3.config import variant_name
+
+    has_fc_norm = any(name.startswith("fc_norm.") for name in tensors)
+    if has_fc_norm and not config.get("fc_norm"):
+        problems.append(
+            Problem(
+                "weights hold fc_norm.* (EAGLE-3.1 per-aux-layer norms) but config.json has no fc_norm: true; "
+                "vLLM would not apply them",
+                'set "fc_norm": true (and "norm_output": true for EAGLE-3.1) in config.json',
+            )
+        )
+    if "input_norm.weight" in tensors and not _norm_before_fc(config):
+        problems.append(
+            Problem(
+                "weights hold input_norm.weight but norm_before_fc is off: vLLM silently drops the norm",
+                'set "norm_before_fc": true in config.json',
+            )
+        )
+    eagle_config = config.get("eagle_config") or {}
+    if "norm_before_fc" in eagle_config and "norm_before_fc" in config:
+        if bool(eagle_config["norm_before_fc"]) != bool(config["norm_before_fc"]):
+            problems.append(
+                Problem(
+                    f"eagle_config.norm_before_fc ({eagle_config['norm_before_fc']}) overrides the top-level "
+                    f"norm_before_fc ({config['norm_before_fc']}) in vLLM",
+                    "keep one norm_before_fc, at the top level",
+                )
+            )
+    switches = {name: bool(config.get(name, False)) for name in ("fc_norm", "norm_output", "norm_before_residual")}
+    switches["norm_before_fc"] = _norm_before_fc(config)
+    if variant_name(switches) == "custom":
+        on = ", ".join(name for name, value in switches.items() if value)
+        problems.append(
+            Problem(
+                f"norm switches ({on}) are neither EAGLE-3 (all off) nor EAGLE-3.1 (fc_norm + norm_output): vLLM "
+                "follows them silently, so they must be exactly what the draft was trained with",
+                "compare with the training command (--draft-variant / --fc-norm / --norm-output ...) and fix "
+                "config.json if it was edited",
+                severity="warning",
+            )
+        )
 
 
 def _weight_files(draft_dir: Path, problems: list[Problem]) -> list[Path]:
@@ -201,6 +262,7 @@ def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str |
                 piece = handle.get_slice(name)
                 tensors[name] = (path, tuple(piece.get_shape()), _slice_dtype(piece))
     expected = expected_tensors(config, arch)
+    _check_variant(config, set(tensors), problems)
     for name, shape in expected.items():
         if name not in tensors:
             fix = "save with Eagle3Qwen3ForCausalLM.save_pretrained (tensor names without a 'model.' prefix)"
@@ -222,6 +284,8 @@ def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str |
         fix = f"remove {name}"
         if name.startswith("model."):
             fix = "drop the 'model.' prefix: vLLM expects midlayer.*, fc, norm, lm_head at top level"
+        if name.startswith(("fc_norm.", "input_norm.")):
+            continue  # reported by _check_variant with the config switch to set
         if name == "d2t":
             fix = "remove d2t: the draft vocab is the full vocab (vLLM >= 0.33 rejects d2t then)"
         problems.append(Problem(f"unexpected tensor {name}: vLLM ignores or misloads it", fix))

@@ -108,12 +108,41 @@ class Eagle3TrainingArguments(TrainingArguments):
             "choices": ["qwen3", "llama"],
         },
     )
+    draft_variant: str = field(
+        default="eagle3",
+        metadata={
+            "help": "eagle3 (the recipe) or eagle3.1 (fc_norm + norm_output: one RMSNorm per aux layer before fc, "
+            "post-norm hidden state fed to the next draft step; vLLM >= 0.2x reads both from config.json).",
+            "choices": ["eagle3", "eagle3.1"],
+        },
+    )
+    fc_norm: bool | None = field(
+        default=None, metadata={"help": "Override the variant: RMSNorm per aux layer before fc (vLLM config key)."}
+    )
+    norm_before_fc: bool | None = field(
+        default=None, metadata={"help": "Override the variant: one RMSNorm over all aux states before fc."}
+    )
+    norm_output: bool | None = field(
+        default=None, metadata={"help": "Override the variant: feed the post-norm hidden state to the next step."}
+    )
+    norm_before_residual: bool | None = field(
+        default=None, metadata={"help": "Override the variant: layer 0's residual is hidden_norm(h)."}
+    )
     init_lm_head_from_target: bool = field(
         default=True, metadata={"help": "Start the draft lm_head from the target's lm_head rows of the draft vocab."}
     )
     # --- training-time test ---
     ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (draft steps per position)."})
     ttt_decay: float = field(default=0.8, metadata={"help": "Loss weight of TTT step i is ttt_decay**i."})
+    loss: str = field(
+        default="soft_ce",
+        metadata={
+            "help": "Per-step loss against the target distribution p: soft_ce (the recipe, -sum p log q), "
+            "forward_kl (KL(p||q): soft_ce minus the target's entropy, same gradient), or lk_lambda (acceptance-aware, "
+            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-mean acceptance))",
+            "choices": ["soft_ce", "forward_kl", "lk_lambda"],
+        },
+    )
     head_checkpointing: bool = field(
         default=False,
         metadata={

@@ -4,7 +4,8 @@ Indexing (T tokens x_0..x_{T-1}; the target's last hidden state at s predicts x_
 
 * step 0 at position t: hidden = fc(aux_t), input token x_{t+1}, rope position t; it predicts
   x_{t+2}, whose target distribution is the target's at s = t + 1.
-* step i: hidden = the draft's own PRE-NORM output of step i - 1 at t, token x_{t+1+i},
+* step i: hidden = the draft's own PRE-NORM output of step i - 1 at t (post-norm with
+  ``norm_output``), token x_{t+1+i},
   rope position t + i (vLLM drafts token i at position t + i), target at s = t + 1 + i.
   Attention: causal over step-0 keys plus each position's own keys from steps 1..i
   (``Eagle3Cache`` in "ttt" mode, no dense (k*T)^2 mask).
@@ -36,6 +37,8 @@ class TargetBatch:
     pred: torch.Tensor  # [B, T] long, draft id of the target's argmax
     valid: torch.Tensor  # [B, T] bool, x_{s+1} is assistant and the argmax is in the draft vocab
     assistant: torch.Tensor  # [B, T] bool, x_{s+1} is an assistant token (in range)
+    # [B, T] bool, valid and the data token x_{s+1} IS the target's greedy choice at s (None: assume so)
+    greedy: torch.Tensor | None = None
 
 
 class TargetProjector:
@@ -77,7 +80,9 @@ class TargetProjector:
         return best_id
 
     @torch.no_grad()
-    def __call__(self, last_hidden_states: torch.Tensor, loss_mask: torch.Tensor) -> TargetBatch:
+    def __call__(
+        self, last_hidden_states: torch.Tensor, loss_mask: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> TargetBatch:
         hidden = self.normed(last_hidden_states)
         logits = (hidden @ self.draft_rows.T).float()
         pred = logits.argmax(-1)
@@ -87,19 +92,69 @@ class TargetProjector:
         valid = assistant.clone()
         if self.full is not None and assistant.any():
             valid[assistant] = self.in_draft[self.full_argmax(hidden[assistant])]
-        return TargetBatch(probs=probs, pred=pred, valid=valid, assistant=assistant)
+        greedy = None
+        if input_ids is not None:
+            greedy = torch.zeros_like(valid)
+            greedy[:, :-1] = valid[:, :-1] & (self.draft_ids[pred[:, :-1]] == input_ids[:, 1:])
+        return TargetBatch(probs=probs, pred=pred, valid=valid, assistant=assistant, greedy=greedy)
+
+
+STATS_PER_STEP = 5
 
 
 def stats_size(steps: int) -> int:
-    """Length of the stats vector: per step (ce_sum, hits, valid, run_k), then run positions."""
-    return 4 * steps + 1
+    """Length of the stats vector: per step (loss_sum, hits, valid, run_i, eligible_i), then
+    the assistant positions (see ``ttt_loss``)."""
+    return STATS_PER_STEP * steps + 1
 
 
-def _head_loss(draft, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor):
-    """lm_head + soft cross-entropy summed over valid positions; also the draft's argmax."""
+LOSSES = ("soft_ce", "forward_kl", "lk_lambda")
+
+
+def step_loss(logits: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce") -> torch.Tensor:
+    """Per-step loss SUMMED over valid positions, against the target distribution ``probs``.
+
+    * ``soft_ce``: -sum_v p log q (the recipe).
+    * ``forward_kl``: KL(p || q) = soft_ce - H(p). Same gradient as soft_ce (H(p) is constant);
+      its value is 0 for a perfect draft, which makes steps and runs comparable.
+    * ``lk_lambda``: the LK loss of arXiv 2602.23881 (SpecForge's ``lk_loss_type="lambda"``):
+      w * KL + (1 - w) * (1 - alpha), alpha = sum_v min(p_v, q_v) the expected acceptance of a
+      sampled draft token, w = exp(-mean alpha) (detached; the mean is over this step's valid
+      positions of this micro-batch). Early in training (alpha ~ 0) it is KL; as the draft gets
+      good the weight moves to the acceptance term, which only cares about the overlap of p and q.
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    ce = -(probs * log_q).sum(-1)
+    if kind == "soft_ce":
+        per_token = ce
+    else:
+        kl = ce + torch.special.xlogy(probs, probs).sum(-1)
+        if kind == "forward_kl":
+            per_token = kl
+        elif kind == "lk_lambda":
+            alpha = torch.minimum(probs, log_q.exp()).sum(-1)
+            mean_alpha = (alpha.detach() * valid).sum() / valid.sum().clamp(min=1)
+            weight = torch.exp(-mean_alpha)
+            per_token = weight * kl + (1 - weight) * (1 - alpha)
+        else:
+            raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return (per_token * valid).sum()
+
+
+def _head_loss(draft, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce"):
+    """lm_head + the step loss summed over valid positions; also the draft's argmax."""
     logits = draft.compute_logits(normed).float()
-    ce = -(probs * F.log_softmax(logits, dim=-1)).sum(-1)
-    return (ce * valid).sum(), logits.detach().argmax(-1)
+    return step_loss(logits, probs, valid, kind), logits.detach().argmax(-1)
+
+
+def count_items(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count in the loss of a batch: step 0 at t predicts x_{t+2}, an assistant token.
+
+    What ``num_items_in_batch`` counts (the Trainer sums it over gradient accumulation and ranks).
+    Steps i > 0 lose i positions at each sample's end and positions whose target argmax is outside
+    the draft vocab; dividing every step by this one count keeps the relative weights decay**i.
+    """
+    return loss_mask[:, 2:].sum()
 
 
 def ttt_loss(
@@ -110,10 +165,15 @@ def ttt_loss(
     steps: int,
     decay: float,
     head_checkpointing: bool = False,
+    loss_type: str = "soft_ce",
+    num_items: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unroll ``steps`` draft steps over a batch; return (loss, stats) — see ``stats_size``.
 
-    loss = sum_i decay**i * mean soft-CE of step i over its valid positions.
+    loss = sum_i decay**i * (step i's loss summed over its valid positions) / N, with N the
+    number of items of the whole optimizer step (``num_items``: all micro-batches of the gradient
+    accumulation, all ranks), so long and short micro-batches weigh by their tokens. Without
+    ``num_items`` (evaluation), N is step i's own valid count in this batch.
     """
     batch, length = input_ids.shape
     # Token x_{t+1+i} for step i at position t; past the end: a pad id, masked out anyway.
@@ -133,17 +193,32 @@ def ttt_loss(
             break
         probs, valid = target.probs[:, 1 + i :], target.valid[:, 1 + i :]
         if head_checkpointing and torch.is_grad_enabled():
-            ce_sum, pred = checkpoint(_head_loss, draft, normed[:, :n], probs, valid, use_reentrant=False)
+            ce_sum, pred = checkpoint(_head_loss, draft, normed[:, :n], probs, valid, loss_type, use_reentrant=False)
         else:
-            ce_sum, pred = _head_loss(draft, normed[:, :n], probs, valid)
+            ce_sum, pred = _head_loss(draft, normed[:, :n], probs, valid, loss_type)
         count = valid.sum()
-        loss = loss + decay**i * ce_sum / count.clamp(min=1)
+        denominator = count.clamp(min=1) if num_items is None else torch.as_tensor(num_items).clamp(min=1)
+        loss = loss + decay**i * ce_sum / denominator
         hits = (pred == target.pred[:, 1 + i :]) & valid
         # Consecutive-run estimator: a position keeps its run while every step so far was a hit.
-        run[:, :n] &= hits
+        # Step i >= 1 was fed the DATA token x_{t+1+i}; speculative decoding would have fed the
+        # draft's (accepted = the target's greedy) token. Where the two differ (data not generated
+        # greedily by this target) step i is off-policy: such positions are not eligible, and the
+        # estimate uses per-step conditional rates over the eligible positions instead.
+        if i == 0:
+            eligible = target.assistant[:, 1:]
+        else:
+            eligible = run[:, :n] & (target.greedy[:, i : i + n] if target.greedy is not None else True)
+        run[:, :n] = eligible & hits
         run[:, n:] = False
-        stats[4 * i : 4 * i + 4] = torch.stack(
-            [ce_sum.detach(), hits.sum().float(), count.float(), (run & target.assistant[:, 1:]).sum().float()]
+        stats[STATS_PER_STEP * i : STATS_PER_STEP * (i + 1)] = torch.stack(
+            [
+                ce_sum.detach(),
+                hits.sum().float(),
+                count.float(),
+                run[:, :n].sum().float(),
+                eligible.sum().float(),
+            ]
         )
     stats[-1] = target.assistant[:, 1:].sum()  # positions whose step-0 prediction is an assistant token
     return loss, stats
@@ -154,21 +229,23 @@ def metrics_from_stats(stats: torch.Tensor, steps: int) -> dict[str, float]:
 
     * ``accept_len_product`` = 1 + sum_k prod_{i<=k} acc_i (the usual formula; overstates
       vLLM because per-step hits are not independent).
-    * ``accept_len`` = 1 + mean over assistant positions of the number of leading draft steps
-      that hit under teacher forcing (the "consecutive run"; tracks vLLM better, and is the
-      default ``metric_for_best_model``).
+    * ``accept_len`` = 1 + sum_k prod_{i<=k} r_i, r_i = runs alive after step i / positions
+      eligible for step i (alive after i - 1 and fed the target's greedy token). With data the
+      target generated greedily this is exactly 1 + the mean number of leading draft steps that
+      hit (the "consecutive run"; tracks vLLM, default ``metric_for_best_model``); with other
+      data it does not drift, because off-policy steps are left out rather than counted.
     ``*_k3`` are the same for 3 speculative tokens, a common serving setting.
     """
     values = stats.double().tolist()
     metrics: dict[str, float] = {}
-    cumulative, product_sum, run_sum = 1.0, 0.0, 0.0
-    positions = max(values[-1], 1.0)
+    cumulative, product_sum, run_sum, run_rate = 1.0, 0.0, 0.0, 1.0
     for i in range(steps):
-        ce_sum, hits, count, run_hits = values[4 * i : 4 * i + 4]
+        ce_sum, hits, count, run_hits, eligible = values[STATS_PER_STEP * i : STATS_PER_STEP * (i + 1)]
         acc = hits / count if count else 0.0
         cumulative *= acc
         product_sum += cumulative
-        run_sum += run_hits / positions
+        run_rate *= run_hits / eligible if eligible else 0.0
+        run_sum += run_rate
         metrics[f"loss_{i}"] = ce_sum / count if count else 0.0
         metrics[f"acc_{i}"] = acc
         metrics[f"cum_acc_{i}"] = cumulative

@@ -18,7 +18,14 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from eagle3.config import Eagle3ConfigError, Eagle3Qwen3Config, parse_layers, to_vllm_layer_ids, validate_target_layers
+from eagle3.config import (
+    NORM_FIELDS,
+    Eagle3ConfigError,
+    Eagle3Qwen3Config,
+    parse_layers,
+    to_vllm_layer_ids,
+    validate_target_layers,
+)
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
 from eagle3.target import TargetHead, config_hash, load_target_config
@@ -92,6 +99,8 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         draft_vocab_size=draft_ids.numel(),
         target_model_name_or_path=plan.base_model,
         draft_arch=args.draft_arch,
+        draft_variant=args.draft_variant,
+        **{name: getattr(args, name) for name in NORM_FIELDS},
     )
     config.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
     set_seed(args.seed)
@@ -102,6 +111,7 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         with torch.no_grad():
             draft.lm_head.weight.copy_(head.lm_head[draft_ids].float())
     draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
+    draft.loss_type = args.loss
     return draft
 
 

@@ -26,6 +26,7 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
     ttt_steps: int = 7
     ttt_decay: float = 0.8
     head_checkpointing: bool = False
+    loss_type: str = "soft_ce"
 
     def forward(
         self,
@@ -35,9 +36,21 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
         target_pred: torch.Tensor,
         target_valid: torch.Tensor,
         target_assistant: torch.Tensor,
+        target_greedy: torch.Tensor | None = None,
+        num_items: torch.Tensor | None = None,
     ) -> Eagle3TrainingOutput:
-        target = TargetBatch(probs=target_probs, pred=target_pred, valid=target_valid, assistant=target_assistant)
+        target = TargetBatch(
+            probs=target_probs, pred=target_pred, valid=target_valid, assistant=target_assistant, greedy=target_greedy
+        )
         loss, stats = ttt_loss(
-            self, input_ids, aux_hidden_states, target, self.ttt_steps, self.ttt_decay, self.head_checkpointing
+            self,
+            input_ids,
+            aux_hidden_states,
+            target,
+            self.ttt_steps,
+            self.ttt_decay,
+            self.head_checkpointing,
+            loss_type=self.loss_type,
+            num_items=num_items,
         )
         return Eagle3TrainingOutput(loss=loss, stats=stats)

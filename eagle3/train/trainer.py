@@ -30,7 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from eagle3.data.codecs import decode_batch
 from eagle3.train.dataset import LengthGroupedEpochSampler
-from eagle3.train.loss import TargetProjector, metrics_from_stats, stats_size
+from eagle3.train.loss import TargetProjector, count_items, metrics_from_stats, stats_size
 from eagle3.train.online import OnlineTarget
 
 BEST_MODEL_DIR = "best_model"
@@ -39,6 +39,10 @@ EVAL_METRICS_FILE = "eagle3_eval.json"
 
 
 class Eagle3Trainer(Trainer):
+    # compute_loss divides by num_items_in_batch (the whole optimizer step's token count), so the
+    # Trainer must not divide by the accumulation steps again.
+    loss_is_scaled_for_ga = True
+
     def __init__(
         self,
         *args: Any,
@@ -82,8 +86,22 @@ class Eagle3Trainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     # ------------------------------------------------------------------ loss
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Tokens the loss counts over all micro-batches of one optimizer step (and all ranks with
+        ``average_tokens_across_devices``): the loss is a per-token mean over the whole step, not a
+        mean of per-micro-batch means (which over-weights the tokens of short micro-batches)."""
+        if not batch_samples or "loss_mask" not in batch_samples[0]:
+            return None
+        count = sum(count_items(batch["loss_mask"]) for batch in batch_samples).to(device)
+        if self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            count = self.accelerator.gather(count).sum()
+        return count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        target = self.target(inputs["last_hidden_states"], inputs["loss_mask"])
+        target = self.target(inputs["last_hidden_states"], inputs["loss_mask"], inputs["input_ids"])
+        if num_items_in_batch is None and model.training:
+            # a direct call outside the training loop: this micro-batch is the whole step
+            num_items_in_batch = count_items(inputs["loss_mask"])
         outputs = model(
             input_ids=inputs["input_ids"],
             aux_hidden_states=inputs["aux_hidden_states"],
@@ -91,12 +109,17 @@ class Eagle3Trainer(Trainer):
             target_pred=target.pred,
             target_valid=target.valid,
             target_assistant=target.assistant,
+            target_greedy=target.greedy,
+            num_items=num_items_in_batch if model.training else None,
         )
         mode = "train" if model.training else "eval"
         lengths = inputs["lengths"]
         padding = torch.stack([lengths.sum(), torch.tensor(inputs["input_ids"].numel(), device=lengths.device)])
         self._stats[mode] += torch.cat([outputs.stats.detach().double(), padding.to(self._stats[mode])])
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if model.training and self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            loss = loss * self.args.world_size  # DDP / DeepSpeed average gradients over ranks
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

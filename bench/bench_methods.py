@@ -1,0 +1,207 @@
+"""Method benchmark: which draft variant and loss give the most vLLM acceptance per training budget.
+
+On the trained tiny Qwen3 target (eagle3.testing.tiny_target(trained=True)), with ONE collected
+data set (run_collect.py, answers regenerated greedily by the target) and the same training
+budget (epochs, batch size, learning rate) for every method, it trains each method with each
+seed (run_train.py), then measures on held-out prompts (another seed of the synthetic chats):
+
+* vLLM's acceptance length at k=3 and k=5, T=0 (one vLLM process per k evaluates every draft),
+* in-process (hf) acceptance and the teacher-forced training-time estimate at k=3 (run_eval.py's
+  three views on the same prompts),
+* training wall time (run_train.py as a subprocess, the same for every method).
+
+It prints a markdown table (mean and spread over seeds, ratios to the baseline) and writes all
+numbers to OUT/results.json. Re-running resumes: collected data and trained drafts are reused.
+
+    python bench/bench_methods.py --out bench_methods_out               # ~1 h on 2 CPU cores
+    python bench/bench_methods.py --out OUT --methods baseline,eagle3.1 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> run_train.py flags on top of the shared budget
+METHODS: dict[str, list[str]] = {
+    "baseline": [],  # the recipe: EAGLE-3, soft cross-entropy
+    "forward_kl": ["--loss", "forward_kl"],
+    "lk_lambda": ["--loss", "lk_lambda"],
+    "eagle3.1": ["--draft-variant", "eagle3.1"],
+    "eagle3.1+lk_lambda": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda"],
+}
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a command with its output in ``log``; return its wall time; stop the bench on failure."""
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    if result.returncode != 0:
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n  see {log}")
+    return time.perf_counter() - started
+
+
+def collect(out: Path, target: Path, conversations: int) -> Path:
+    from eagle3.testing import synthetic_conversations, write_jsonl
+
+    chats = write_jsonl(out / "chats.jsonl", synthetic_conversations(conversations, seed=11, turns=2))
+    data = out / "data"
+    if not (data / "manifest.json").exists() or not any(data.glob("*.safetensors")):
+        print(f"collecting {conversations} conversations -> {data}", flush=True)
+        command = [sys.executable, "run_collect.py", "--model", str(target), "--dataset", str(chats)]
+        command += ["--output-dir", str(data), "--batch-size", "32", "--max-new-tokens", "64", "--quiet"]
+        run(command, out / "collect.log")
+    return data
+
+
+def train(out: Path, target: Path, data: Path, method: str, seed: int, budget: list[str]) -> dict:
+    run_dir = out / "runs" / f"{method}-seed{seed}"
+    info_file = run_dir / "bench_train.json"
+    if info_file.exists():
+        return json.loads(info_file.read_text())
+    command = [sys.executable, "run_train.py", "--data-dir", str(data), "--output-dir", str(run_dir)]
+    command += ["--base-model", str(target), "--seed", str(seed), *budget, *METHODS[method]]
+    print(f"training {method} (seed {seed})", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seconds = run(command, run_dir / "train.log")
+    metrics = json.loads((run_dir / "best_model" / "eagle3_eval.json").read_text())["metrics"]
+    info = {"seconds": seconds, "eval_accept_len_k3": metrics.get("eval_accept_len_k3")}
+    info_file.write_text(json.dumps(info))
+    return info
+
+
+def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[list[int]]]:
+    from transformers import AutoTokenizer
+
+    from eagle3.evaluate.run import load_prompts, parse_args
+    from eagle3.testing import synthetic_conversations, write_jsonl
+
+    path = write_jsonl(out / "heldout.jsonl", synthetic_conversations(count, seed=12345))
+    args = parse_args(["--model", str(target), "--draft", "-", "--dataset", str(path)])
+    return path, load_prompts(args, AutoTokenizer.from_pretrained(target))
+
+
+def measure_vllm(out: Path, target: Path, drafts: dict[str, Path], prompts, k: int, max_tokens: int) -> dict:
+    result_file = out / f"vllm_k{k}.json"
+    results = json.loads(result_file.read_text()) if result_file.exists() else {"drafts": {}}
+    missing = [path for path in drafts.values() if str(path) not in results["drafts"]]
+    if missing:
+        print(f"vLLM k={k}: {len(missing)} draft(s) in one process", flush=True)
+        (out / "prompts.json").write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(target)]
+        command += [arg for path in missing for arg in ("--draft", str(path))]
+        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens), "--temperature", "0"]
+        command += ["--prompts", str(out / "prompts.json"), "--json", str(out / f"vllm_k{k}.part.json")]
+        run(command, out / f"vllm_k{k}.log")
+        results["drafts"].update(json.loads((out / f"vllm_k{k}.part.json").read_text())["drafts"])
+        result_file.write_text(json.dumps(results))
+    return {name: results["drafts"][str(path)]["acceptance_length"] for name, path in drafts.items()}
+
+
+def measure_hf(out: Path, target: Path, drafts: dict[str, Path], prompts_file: Path, k: int, max_tokens: int) -> dict:
+    from eagle3.evaluate.run import evaluate, parse_args
+
+    views = {}
+    for name, path in drafts.items():
+        report_file = out / "hf" / f"{name}.json"
+        if not report_file.exists():
+            report_file.parent.mkdir(parents=True, exist_ok=True)
+            args = ["--model", str(target), "--draft", str(path), "--dataset", str(prompts_file), "-k", str(k)]
+            args += ["--max-new-tokens", str(max_tokens), "--no-baseline", "--output", str(report_file)]
+            evaluate(parse_args(args))
+        report = json.loads(report_file.read_text())
+        views[name] = {
+            "hf": report["acceptance_length"],
+            "teacher_forced": report.get("teacher_forced_acceptance_length"),
+        }
+    return views
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range (max - min) / 2 over seeds."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def table(methods: list[str], seeds: list[int], rows: dict) -> str:
+    base = {key: spread([rows["baseline"][s][key] for s in seeds])[0] for key in ("vllm_k3", "vllm_k5", "seconds")}
+    lines = [
+        "| method | vLLM AL k=3 | x baseline | vLLM AL k=5 | x baseline | train s | x baseline "
+        "| hf AL k=3 | teacher-forced k=3 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        cells = [method]
+        for key in ("vllm_k3", "vllm_k5", "seconds"):
+            mean, half = spread([rows[method][s][key] for s in seeds])
+            fmt = "{:.0f} ± {:.0f}" if key == "seconds" else "{:.3f} ± {:.3f}"
+            cells += [fmt.format(mean, half), f"{mean / base[key]:.3f}"]
+        for key in ("hf_k3", "teacher_forced_k3"):
+            values = [rows[method][s][key] for s in seeds if rows[method][s][key] is not None]
+            cells.append("{:.3f} ± {:.3f}".format(*spread(values)) if values else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_methods_out")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--conversations", type=int, default=300, help="training conversations (2 turns each)")
+    parser.add_argument("--prompts", type=int, default=32, help="held-out prompts")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--epochs", default="4")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or "baseline" not in methods:
+        parser.error(f"--methods: unknown {unknown}; known {list(METHODS)}; baseline is required (ratios)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+
+    from eagle3.testing import tiny_target
+
+    target = tiny_target(trained=True)
+    data = collect(out, target, args.conversations)
+    # One budget for all: the demo's settings.
+    budget = ["--epochs", args.epochs, "--batch-size", "16", "--lr", "1e-3", "--draft-vocab-size", "512"]
+    budget += ["--eval-ratio", "0.05", "--save_total_limit", "1", "--report_to", "none", "--disable_tqdm", "true"]
+    trained = {(m, s): train(out, target, data, m, s, budget) for m in methods for s in seeds}
+    drafts = {f"{m}-seed{s}": out / "runs" / f"{m}-seed{s}" / "best_model" for m in methods for s in seeds}
+
+    prompts_file, prompts = heldout_prompts(out, target, args.prompts)
+    vllm = {k: measure_vllm(out, target, drafts, prompts, k, args.max_tokens) for k in (3, 5)}
+    hf = measure_hf(out, target, drafts, prompts_file, 3, args.max_tokens)
+    rows: dict = {m: {} for m in methods}
+    for m in methods:
+        for s in seeds:
+            name = f"{m}-seed{s}"
+            rows[m][s] = {
+                "vllm_k3": vllm[3][name],
+                "vllm_k5": vllm[5][name],
+                "hf_k3": hf[name]["hf"],
+                "teacher_forced_k3": hf[name]["teacher_forced"],
+                "train_eval_accept_len_k3": trained[(m, s)]["eval_accept_len_k3"],
+                "seconds": trained[(m, s)]["seconds"],
+            }
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    print(
+        f"\n{len(args.prompts * [0])} held-out prompts, seeds {seeds}, {args.conversations} conversations, "
+        f"{args.epochs} epochs; mean ± half-range over seeds\n"
+    )
+    print(table(methods, seeds, rows))
+    print(f"\nall numbers: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
