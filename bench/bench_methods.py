@@ -89,33 +89,39 @@ def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[lis
     return path, load_prompts(args, AutoTokenizer.from_pretrained(target))
 
 
-def measure_vllm(out: Path, target: Path, drafts: dict[str, Path], prompts, k: int, max_tokens: int) -> dict:
-    result_file = out / f"vllm_k{k}.json"
+def measure_vllm(
+    out: Path, target: Path, drafts: dict[str, Path], prompts, k: int, max_tokens: int, temperature: float = 0.0
+) -> dict:
+    tag = f"k{k}" if temperature == 0 else f"k{k}_t{temperature:g}"
+    result_file = out / f"vllm_{tag}.json"
     results = json.loads(result_file.read_text()) if result_file.exists() else {"drafts": {}}
     missing = [path for path in drafts.values() if str(path) not in results["drafts"]]
     if missing:
-        print(f"vLLM k={k}: {len(missing)} draft(s) in one process", flush=True)
+        print(f"vLLM {tag}: {len(missing)} draft(s) in one process", flush=True)
         (out / "prompts.json").write_text(json.dumps(prompts))
         command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(target)]
         command += [arg for path in missing for arg in ("--draft", str(path))]
-        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens), "--temperature", "0"]
-        command += ["--prompts", str(out / "prompts.json"), "--json", str(out / f"vllm_k{k}.part.json")]
-        run(command, out / f"vllm_k{k}.log")
-        results["drafts"].update(json.loads((out / f"vllm_k{k}.part.json").read_text())["drafts"])
+        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens)]
+        command += ["--temperature", str(temperature), "--max-model-len", "2048"]
+        command += ["--prompts", str(out / "prompts.json"), "--json", str(out / f"vllm_{tag}.part.json")]
+        run(command, out / f"vllm_{tag}.log")
+        results["drafts"].update(json.loads((out / f"vllm_{tag}.part.json").read_text())["drafts"])
         result_file.write_text(json.dumps(results))
     return {name: results["drafts"][str(path)]["acceptance_length"] for name, path in drafts.items()}
 
 
-def measure_hf(out: Path, target: Path, drafts: dict[str, Path], prompts_file: Path, k: int, max_tokens: int) -> dict:
+def measure_hf(
+    out: Path, target: Path, drafts: dict[str, Path], prompts_file: Path, k: int, max_tokens: int, extra=()
+) -> dict:
     from eagle3.evaluate.run import evaluate, parse_args
 
     views = {}
     for name, path in drafts.items():
-        report_file = out / "hf" / f"{name}.json"
+        report_file = out / "hf" / f"{name}{'_'.join(['', *extra]).replace('-', '')}.json"
         if not report_file.exists():
             report_file.parent.mkdir(parents=True, exist_ok=True)
             args = ["--model", str(target), "--draft", str(path), "--dataset", str(prompts_file), "-k", str(k)]
-            args += ["--max-new-tokens", str(max_tokens), "--no-baseline", "--output", str(report_file)]
+            args += ["--max-new-tokens", str(max_tokens), "--no-baseline", "--output", str(report_file), *extra]
             evaluate(parse_args(args))
         report = json.loads(report_file.read_text())
         views[name] = {
@@ -193,12 +199,39 @@ def main(argv: list[str] | None = None) -> int:
                 "train_eval_accept_len_k3": trained[(m, s)]["eval_accept_len_k3"],
                 "seconds": trained[(m, s)]["seconds"],
             }
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    # T > 0: the baseline draft, hf (vLLM's default greedy draft sampling, and min(1, p/q)) vs vLLM.
+    sampled = {f"baseline-seed{seeds[0]}": drafts[f"baseline-seed{seeds[0]}"]}
+    temperature = {
+        "vllm": measure_vllm(out, target, sampled, prompts, 3, args.max_tokens, temperature=0.6),
+        **{
+            f"hf_{mode}": {
+                name: view["hf"]
+                for name, view in measure_hf(
+                    out,
+                    target,
+                    sampled,
+                    prompts_file,
+                    3,
+                    args.max_tokens,
+                    ["--temperature", "0.6", "--draft-sampling", mode],
+                ).items()
+            }
+            for mode in ("greedy", "probabilistic")
+        },
+    }
+    (out / "results.json").write_text(
+        json.dumps({"settings": vars(args), "rows": rows, "temperature_0.6": temperature}, indent=1)
+    )
     print(
         f"\n{len(args.prompts * [0])} held-out prompts, seeds {seeds}, {args.conversations} conversations, "
         f"{args.epochs} epochs; mean ± half-range over seeds\n"
     )
     print(table(methods, seeds, rows))
+    name = next(iter(sampled))
+    print(
+        f"\nT=0.6, k=3, {name}: vLLM {temperature['vllm'][name]:.3f}, hf (greedy draft, vLLM's default) "
+        f"{temperature['hf_greedy'][name]:.3f}, hf (sampled draft, min(1, p/q)) {temperature['hf_probabilistic'][name]:.3f}"
+    )
     print(f"\nall numbers: {out / 'results.json'}")
     return 0
 
