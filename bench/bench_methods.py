@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = ["--epochs", args.epochs, "--batch-size", "8", "--lr", "3e-3", "--draft-vocab-size", "256"]
     budget += ["--ttt-steps", "5", "--eval-ratio", "0.1", "--save_total_limit", "1", "--report_to", "none"]
     budget += ["--disable_tqdm", "true", "--dataloader_num_workers", "0"]
-    trained = {(m, s): train(out, target, data, m, s, budget) for m in methods for s in seeds}
+    # Seed-major order: a run cut short still has every method at the first seed.
+    trained = {(m, s): train(out, target, data, m, s, budget) for s in seeds for m in methods}
     drafts = {f"{m}-seed{s}": out / "runs" / f"{m}-seed{s}" / "best_model" for m in methods for s in seeds}
 
     prompts_file, prompts = heldout_prompts(out, target, args.prompts)
