@@ -80,6 +80,59 @@ def train(out: Path, target: Path, data: Path, method: str, seed: int, budget: l
     return info
 
 
+def time_methods(target: Path, data: Path, methods: list[str], repeats: int = 12) -> dict[str, float]:
+    """Median seconds of one training step (TTT forward + backward + AdamW) per method, on the same
+    batches, methods interleaved (A B C A B C ...) so that a busy shared machine slows all alike.
+    The bench's wall-clock training times are also printed, but on a shared machine they mostly
+    measure the neighbours."""
+    import torch
+
+    from eagle3.data.store import HiddenStateStore
+    from eagle3.target import TargetHead
+    from eagle3.train.args import parse_args
+    from eagle3.train.dataset import Eagle3Collator, StoreDataset
+    from eagle3.train.loss import TargetProjector, count_items
+    from eagle3.train.main import build_draft, check_data_against_target
+
+    torch.set_num_threads(1)
+    head = TargetHead.from_pretrained(target)
+    dataset = StoreDataset(HiddenStateStore(data), max_length=2048)
+    batches = [Eagle3Collator()([dataset[i] for i in range(start, start + 8)]) for start in (0, 8, 16)]
+    parts = {}
+    for method in methods:
+        args = parse_args(
+            ["--data-dir", str(data), "--base-model", str(target), "--ttt-steps", "5", "--use_cpu", "true"]
+        )
+        for flag, value in zip(METHODS[method][::2], METHODS[method][1::2], strict=True):
+            setattr(args, flag.removeprefix("--").replace("-", "_"), value)
+        draft_ids = torch.arange(256)
+        draft = build_draft(args, check_data_against_target(args), head, draft_ids)
+        optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)
+        parts[method] = (draft, optimizer, TargetProjector(head, draft_ids))
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for repeat in range(repeats):
+        for method in methods:
+            draft, optimizer, projector = parts[method]
+            batch = batches[repeat % len(batches)]
+            started = time.perf_counter()
+            target = projector(batch["last_hidden_states"], batch["loss_mask"], batch["input_ids"])
+            out = draft(
+                input_ids=batch["input_ids"],
+                aux_hidden_states=batch["aux_hidden_states"],
+                target_probs=target.probs,
+                target_pred=target.pred,
+                target_valid=target.valid,
+                target_assistant=target.assistant,
+                target_greedy=target.greedy,
+                num_items=count_items(batch["loss_mask"]),
+            )
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            times[method].append(time.perf_counter() - started)
+    return {method: statistics.median(values[2:]) for method, values in times.items()}  # first two: warm-up
+
+
 def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[list[int]]]:
     from transformers import AutoTokenizer
 
@@ -239,14 +292,21 @@ def main(argv: list[str] | None = None) -> int:
             for mode in ("greedy", "probabilistic")
         },
     }
-    (out / "results.json").write_text(
-        json.dumps({"settings": vars(args), "rows": rows, "temperature_0.6": temperature}, indent=1)
-    )
     print(
-        f"\n{len(args.prompts * [0])} held-out prompts, seeds {seeds}, {args.conversations} conversations, "
+        f"\n{args.prompts} held-out prompts, seeds {seeds}, {args.conversations} conversations, "
         f"{args.epochs} epochs; mean ± half-range over seeds\n"
     )
     print(table(methods, seeds, rows))
+    step_seconds = time_methods(target, data, methods)
+    (out / "results.json").write_text(
+        json.dumps(
+            {"settings": vars(args), "rows": rows, "temperature_0.6": temperature, "step_seconds": step_seconds},
+            indent=1,
+        )
+    )
+    print("\ntraining step time (median, methods interleaved, same batches):")
+    for method, seconds in step_seconds.items():
+        print(f"  {method:<22} {seconds * 1000:7.1f} ms  x{seconds / step_seconds['baseline']:.3f}")
     name = next(iter(sampled))
     print(
         f"\nT=0.6, k=3, {name}: vLLM {temperature['vllm'][name]:.3f}, hf (greedy draft, vLLM's default) "
