@@ -73,7 +73,7 @@ def main() -> int:
                 str(data),
                 "--output-dir",
                 str(model),
-                "--base-model",
+                "--model",
                 str(target),
                 "--epochs",
                 "4",
@@ -96,7 +96,7 @@ def main() -> int:
     best = model / "best_model"
     run(
         "4/5 check best_model against the vLLM contract",
-        [python, "-m", "eagle3.cli", "check", str(best), "--target", str(target)],
+        [python, "-m", "eagle3.cli", "check", str(best), "--model", str(target)],
     )
     reports = {}
     for backend in ("hf", "vllm"):
@@ -131,6 +131,8 @@ def main() -> int:
     print("\n================ summary ================")
     if "eval_accept_len_k3" in trained:
         print(f"training's simulated acceptance length (k={K}): {trained['eval_accept_len_k3']:.2f}")
+    if "eval_accept_len_product_k3" in trained:  # the usual formula, shown for comparison: it overstates
+        print(f"  (product formula 1 + sum prod acc_i, k={K}:    {trained['eval_accept_len_product_k3']:.2f})")
     for backend, report in reports.items():
         print(
             f"{backend:>4} acceptance length (k={K}, T=0):       {report['acceptance_length']:.2f}"
