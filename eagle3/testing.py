@@ -213,7 +213,11 @@ def tiny_target(trained: bool = False, **kwargs) -> Path:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
-    build_tiny_target(staging, trained=trained, **kwargs)
+    try:
+        build_tiny_target(staging, trained=trained, **kwargs)
+    except BaseException:  # failed or interrupted: leave no half-built folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         staging.rename(final)
     except OSError:  # another process finished first; its copy is identical

@@ -159,3 +159,39 @@ def test_console_scripts_point_at_the_tools():
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(importlib.import_module(module), function))
+
+
+LOG_SCRIPT = """
+import logging, sys
+import torch
+from eagle3.train.args import parse_args
+from eagle3.train.cli import _setup_logging
+args = parse_args(["--data-dir", "d", "--report_to", "none", "--output-dir", sys.argv[1]])
+_setup_logging(args)
+log = logging.getLogger("eagle3.train.main")
+log.info("info from rank %d", args.process_index)
+log.warning("warning from rank %d", args.process_index)
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_info_logs_come_from_the_main_process_only(tmp_path):
+    """Two real ranks (torchrun, gloo): INFO from rank 0 only, warnings from both."""
+    import os
+    import subprocess
+
+    script = tmp_path / "log_ranks.py"
+    script.write_text(LOG_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+        + [str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("info from rank 0") == 1 and "info from rank 1" not in output, output[-3000:]
+    assert "warning from rank 0" in output and "warning from rank 1" in output

@@ -47,6 +47,8 @@ def _distributed() -> bool:
 def _setup_logging(args) -> None:
     """INFO on the main process, warnings only on the others (--log_level / --log_level_replica)."""
     level = args.get_process_log_level()
+    if args.should_log and args.log_level == "passive":
+        level = logging.INFO  # "passive" means transformers' verbosity (warning); our progress lines are INFO
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     logging.getLogger("eagle3").setLevel(level)
     if args.log_level != "passive":  # transformers' own INFO logs only when asked for (--log_level info)
