@@ -157,22 +157,23 @@ def vllm_vs_vllm(
         )  # fmt: skip
         plain_command = _without_flags(ours_command, ("--speculative-config", "--kv-transfer-config", "--port"))
         plain_command += ["--port", str(free_port())]
-        layers = resolve_layers(parse_args(base), config.num_hidden_layers)
+        layers = resolve_layers(parse_args([*base, "--print-server-command"]), config.num_hidden_layers)
         with (
-            vllm_server(ours_command, f"{tmp}/ours.log") as ours,
-            vllm_server(plain_command, f"{tmp}/plain.log") as plain,
+            vllm_server(ours_command, f"{tmp}/ours.log", timeout=900) as ours,
+            vllm_server(plain_command, f"{tmp}/plain.log", timeout=900) as plain,
         ):
             name = model  # what both servers serve it as
             for concurrency in concurrencies:
                 args = parse_args(
-                    [*base, "--backend", "vllm", "--server-url", ours["url"], "--no-regenerate",
+                    [*base, "--dataset", "unused", "--backend", "vllm", "--server-url", ours["url"], "--no-regenerate",
                      "--concurrent-requests", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
                 )  # fmt: skip
                 backend = VllmBackend(args, renderer, layers, config.num_hidden_layers, config.hidden_size)
                 try:
                     rows = [
                         _one_round(backend, plain["url"], name, renderer, concurrency, max_new_tokens,
-                                   synthetic_conversations(samples, seed=10_000 * concurrency + r, turns=2), Conversation)
+                                   synthetic_conversations(samples, seed=10_000 * concurrency + r, turns=2), Conversation,
+                                   flip=r % 2 == 1)
                         for r in range(repeats)
                     ]  # fmt: skip
                 finally:
@@ -183,33 +184,50 @@ def vllm_vs_vllm(
     return results
 
 
-def _one_round(backend, plain_url, name, renderer, concurrency, max_new_tokens, rows, conversation_cls) -> dict:
+def _one_round(backend, plain_url, name, renderer, concurrency, max_new_tokens, rows, conversation_cls, flip) -> dict:
+    """One round on fresh data; ``flip``: our side first (rounds alternate who goes first)."""
     import asyncio
+
+    def timed(run) -> tuple[float, object]:
+        start = time.perf_counter()
+        result = run()
+        return time.perf_counter() - start, result
+
+    def both(plain_run, ours_run):
+        if flip:
+            ours = timed(ours_run)
+            return timed(plain_run), ours
+        plain = timed(plain_run)
+        return plain, timed(ours_run)
 
     conversations = [conversation_cls(key, row["messages"], f"bench[{key}]") for key, row in enumerate(rows)]
     # (a) capture: our client end to end vs the plain server's prefill of the same ids
     sequences = [renderer.render(c.messages).input_ids for c in conversations]
     tokens = sum(len(s) for s in sequences)
     payloads = [{"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0} for ids in sequences]
-    plain_s, _ = _post_all(plain_url, payloads, concurrency)
-    start = time.perf_counter()
-    stored = [s for s in backend.samples(conversations) if s is not None]
-    ours_s = time.perf_counter() - start
+    (plain_s, _), (ours_s, stored) = both(
+        lambda: _post_all(plain_url, payloads, concurrency),
+        lambda: [s for s in backend.samples(conversations) if s is not None],
+    )
     assert sum(len(s.input_ids) for s in stored) == tokens
     # (b) regeneration: our generation requests (no save) vs the same requests on the plain server
     prompts = [renderer.prompt_ids(c.messages[:1]) for c in conversations]
-    start = time.perf_counter()
-    answers = backend.loop.run_until_complete(
-        asyncio.gather(*(backend._generate(p, c.key, 0, None) for p, c in zip(prompts, conversations, strict=True)))
-    )
-    ours_gen_s = time.perf_counter() - start
-    ours_gen_tokens = sum(len(ids) for _, ids in answers)
+
+    async def generate_all() -> list:
+        return await asyncio.gather(
+            *(backend._generate(p, c.key, 0, None) for p, c in zip(prompts, conversations, strict=True))
+        )
+
     payloads = [
         {"model": name, "prompt": p, "max_tokens": max_new_tokens, "temperature": 0.0, "seed": 0,
          "stop_token_ids": sorted(backend.stop_ids)}
         for p in prompts
     ]  # fmt: skip
-    plain_gen_s, plain_answers = _post_all(plain_url, payloads, concurrency)
+    (plain_gen_s, (_, plain_answers)), (ours_gen_s, answers) = both(
+        lambda: _post_all(plain_url, payloads, concurrency),
+        lambda: backend.loop.run_until_complete(generate_all()),
+    )
+    ours_gen_tokens = sum(len(ids) for _, ids in answers)
     plain_gen_tokens = sum(a["usage"]["completion_tokens"] for a in plain_answers)
     return {
         "prefill_tok_s": tokens / plain_s,
