@@ -13,9 +13,10 @@
        tokens/s vs the plain server's prefill (the same token ids, max_tokens=1) tokens/s;
    (b) regeneration: our client's generation requests (no save) vs the same requests on the
        plain server, generated tokens/s.
+   ``--samples`` caps what is in flight: keep it >= the largest ``--concurrency``.
 
     python bench/bench_collect.py [--model PATH] [--hidden-size 512] [--samples 64] [--batch-size 8]
-    python bench/bench_collect.py --vllm [--model PATH] [--hidden-size 512] [--samples 32] \
+    python bench/bench_collect.py --vllm [--model PATH] [--hidden-size 512] [--samples 64] \
         [--concurrency 4,16,64] [--max-new-tokens 64]
 """
 
