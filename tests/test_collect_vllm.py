@@ -303,9 +303,10 @@ def test_server_failing_for_a_while_changes_nothing_stored(
     """One of two servers answers HTTP 500 (or hangs past --request-timeout) for a while in the
     middle of the run: it is marked down, its conversations finish on the other server, and the
     store is exactly the clean run's."""
-    # hang: --request-timeout 5 s, one retry, /health hangs too -> down after ~15 s (hangs 20 s)
-    timeout = ["--request-timeout", "5"] if fault == "hang" else []
-    with FaultProxy(server["url"], fault=fault, after=6, duration=20.0 if fault == "hang" else 8.0) as proxy:
+    # hang: --request-timeout 15 s (healthy requests on a loaded 2-core machine take seconds), no
+    # retry, /health hangs too (10 s) -> down after ~25 s; the proxy holds requests for 35 s
+    timeout = ["--request-timeout", "15", "--max-retries", "0"] if fault == "hang" else []
+    with FaultProxy(server["url"], fault=fault, after=6, duration=35.0 if fault == "hang" else 8.0) as proxy:
         urls = [proxy.url, second_server["url"]]
         result = _run(*_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, tmp_path / "out"), *timeout)
     assert proxy.faulted > 0
