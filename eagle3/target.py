@@ -65,16 +65,23 @@ def config_hash(config: PretrainedConfig) -> str:
 
 
 def read_target_tensors(model: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Read the named tensors from the target's (possibly sharded) safetensors."""
+    """Read the named tensors from the target's (possibly sharded) safetensors.
+
+    A name the checkpoint does not hold is left out of the result (the caller decides whether
+    that is an error). With a ``model.safetensors.index.json`` only the index's names count:
+    a tied checkpoint sharded by the Hub (Qwen3-4B) lists no ``lm_head.weight`` and has no
+    ``model.safetensors`` at all, so a name missing from the index is simply absent.
+    """
     index_path = _resolve(model, "model.safetensors.index.json")
+    by_file: dict[str, list[str]] = {}
     if index_path is not None:
         weight_map = json.loads(index_path.read_text())["weight_map"]
+        for name in names:
+            if name in weight_map:
+                by_file.setdefault(weight_map[name], []).append(name)
     else:
-        weight_map = {}
+        by_file["model.safetensors"] = list(names)
     tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        by_file.setdefault(weight_map.get(name, "model.safetensors"), []).append(name)
     for filename, wanted in by_file.items():
         path = _resolve(model, filename)
         if path is None:

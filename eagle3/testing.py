@@ -279,3 +279,171 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-weight targets at Qwen3's real shapes, laid out the way the Hub ships them.
+
+# Qwen3's published configs (hidden, layers, heads, KV heads, head_dim, MLP, vocab, tied).
+QWEN3_SHAPES: dict[str, dict] = {
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+    # The same layouts at test size (vLLM's CPU attention needs head_dim >= 64).
+    "small": dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=384,
+        vocab_size=1024,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+}
+# How the Hub lays out a causal LM's lm_head:
+#   tied            tie_word_embeddings, no lm_head.weight anywhere (Qwen3-4B)
+#   tied-head-copy  tie_word_embeddings, lm_head.weight stored too (Qwen3-1.7B)
+#   untied          its own lm_head.weight (Qwen3-8B)
+LAYOUTS = ("tied", "tied-head-copy", "untied")
+
+
+def _shard_plan(shapes: dict[str, tuple[int, ...]], element_size: int, max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = element_size * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def build_qwen3_target(
+    output_dir: str | Path,
+    shape: str = "small",
+    layout: str = "tied",
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 2 * 2**30,
+    seed: int = 0,
+) -> Path:
+    """A random-weight Qwen3 checkpoint at ``QWEN3_SHAPES[shape]``, sharded with an index.
+
+    Files as ``save_pretrained`` / the Hub write them: ``model-0000i-of-0000n.safetensors`` and
+    ``model.safetensors.index.json`` ({"metadata": {"total_size"}, "weight_map"}), no
+    ``model.safetensors``. The tiny tokenizer serves it: embedding and lm_head rows past its
+    ids are zero, so those logits are 0 while the best in-vocab logit is positive (the max of
+    ~1000 centred values) and greedy generation never leaves the tokenizer's ids. Weights are
+    drawn tensor by tensor, one shard in memory at a time (a 1.7B target needs ~4 GB, not 8).
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target())
+    dims = dict(QWEN3_SHAPES[shape])
+    dims["tie_word_embeddings"] = layout != "untied"
+    config = Qwen3Config(
+        **dims,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        dtype=dtype,
+    )
+    config.architectures = ["Qwen3ForCausalLM"]
+    with torch.device("meta"):
+        names = {name: tuple(t.shape) for name, t in Qwen3ForCausalLM(config).state_dict().items()}
+    if layout == "tied":
+        names.pop("lm_head.weight", None)
+    torch_dtype = getattr(torch, dtype)
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    plan = _shard_plan(names, element_size, max_shard_bytes)
+    generator = torch.Generator().manual_seed(seed)
+    used = len(tokenizer)
+    weight_map, total = {}, 0
+    embed = None
+    for number, shard_names in enumerate(plan, start=1):
+        filename = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name in shard_names:
+            if name.endswith("norm.weight"):
+                tensor = torch.ones(names[name], dtype=torch_dtype)
+            elif name == "lm_head.weight" and layout == "tied-head-copy" and embed is not None:
+                tensor = embed.clone()  # a copy of the tied weight, as Qwen3-1.7B ships it
+            else:
+                tensor = (torch.randn(names[name], generator=generator) * 0.02).to(torch_dtype)
+                if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    tensor[used:] = 0
+            if name == "model.embed_tokens.weight":
+                embed = tensor
+            tensors[name] = tensor
+            weight_map[name] = filename
+            total += tensor.numel() * element_size
+        save_file(tensors, output_dir / filename, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[config.eos_token_id, config.pad_token_id],
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    ).save_pretrained(output_dir)
+    return output_dir
+
+
+def qwen3_target(shape: str = "small", layout: str = "tied", dtype: str = "bfloat16", **kwargs) -> Path:
+    """Path to a cached ``build_qwen3_target`` checkpoint, building it on first use."""
+    key = json.dumps({"shape": shape, "layout": layout, "dtype": dtype, **kwargs}, sort_keys=True)
+    name = f"{shape}-{layout}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    final = cache_dir() / name
+    if (final / "model.safetensors.index.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
+    build_qwen3_target(staging, shape=shape, layout=layout, dtype=dtype, **kwargs)
+    try:
+        staging.rename(final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
