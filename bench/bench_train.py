@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import psutil
@@ -27,6 +25,7 @@ from torch.utils.data import Dataset
 from transformers import Qwen3Config
 
 from eagle3.config import Eagle3Qwen3Config
+from eagle3.memory import PeakRSS
 from eagle3.target import TargetHead, final_norm
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator
@@ -148,31 +147,6 @@ def throughput(args) -> dict:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
     }
-
-
-class PeakRSS:
-    """Peak resident memory during a block (sampled every 5 ms), minus the memory before it."""
-
-    def __enter__(self):
-        gc.collect()
-        self.process = psutil.Process()
-        self.base = self.process.memory_info().rss
-        self.peak = self.base
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-        self.delta_gib = (self.peak - self.base) / 2**30
 
 
 def naive_loss(draft, head, draft_ids, input_ids, aux, last, loss_mask, steps, decay):

@@ -359,6 +359,7 @@ def build_qwen3_target(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 2 * 2**30,
     seed: int = 0,
+    **overrides,
 ) -> Path:
     """A random-weight Qwen3 checkpoint at ``QWEN3_SHAPES[shape]``, sharded with an index.
 
@@ -377,7 +378,7 @@ def build_qwen3_target(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tiny_target())
-    dims = dict(QWEN3_SHAPES[shape])
+    dims = {**QWEN3_SHAPES[shape], **overrides}
     dims["tie_word_embeddings"] = layout != "untied"
     config = Qwen3Config(
         **dims,

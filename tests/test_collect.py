@@ -374,3 +374,19 @@ def test_sampling_is_seeded(trained_target, chats, tmp_path, capsys):
         assert run_main([*argv, "--output-dir", tmp_path / name], capsys)[0] == 0
     a, b = HiddenStateStore(tmp_path / "a"), HiddenStateStore(tmp_path / "b")
     assert [a[i].input_ids.tolist() for i in range(len(a))] == [b[i].input_ids.tolist() for i in range(len(b))]
+
+
+def test_hf_backend_loads_the_target_straight_onto_its_device(tmp_path):
+    """No full host copy per rank: loaded onto the 'meta' device the target takes no host
+    memory; loaded on the CPU and then moved, it would take its full size (~220 MB here)."""
+    from eagle3.collect.hf import HfBackend
+    from eagle3.data.template import ChatRenderer
+    from eagle3.memory import PeakRSS
+    from eagle3.testing import build_qwen3_target
+
+    target = build_qwen3_target(tmp_path / "t", "small", "untied", dtype="bfloat16", vocab_size=151936)
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(target))
+    with PeakRSS() as peak:
+        backend = HfBackend(str(target), renderer, [0, 1, 2], device="meta", dtype="float32")
+    assert next(backend.model.parameters()).device.type == "meta"
+    assert peak.delta_gib < 0.06, f"host memory peaked {peak.delta_gib:.2f} GiB above the start while loading"

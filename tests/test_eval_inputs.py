@@ -135,3 +135,49 @@ def test_speculation_is_lossless_when_drafts_are_accepted(random_target, fresh_d
     assert result.output_ids == reference
     assert 0 < result.accepted < 3 * result.rounds  # both accepted and rejected proposals happened
     assert result.acceptance_length > 1.5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_decoder_puts_every_input_on_the_models_device(random_target, fresh_draft, temperature):
+    """With the default device set to 'meta', any tensor built without the models' device
+    lands on meta and the forward fails: on a GPU that is the CPU/CUDA mix-up."""
+    target = AutoModelForCausalLM.from_pretrained(random_target)
+    draft = Eagle3Qwen3ForCausalLM.from_pretrained(fresh_draft)
+    draft.load_target_embeddings(target.get_input_embeddings().weight)
+    decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=3, temperature=temperature)
+    reference = decoder.generate([1, 5, 9], 10).output_ids
+    decoder = SpeculativeDecoder(target, draft, num_speculative_tokens=3, temperature=temperature)
+    with torch.device("meta"):
+        result = decoder.generate([1, 5, 9], 10)
+        decoder.generate_target_only([1, 5, 9], 4)
+    decoder.close()
+    assert result.output_ids == reference
+
+
+def test_unusable_device_is_refused_before_loading(random_target, fresh_draft, prompts_file):
+    args = parse_args(
+        ["--model", str(random_target), "--draft", str(fresh_draft), "--dataset", str(prompts_file)]
+        + ["--device", "cuda:7" if not torch.cuda.is_available() else "cuda:999"]
+    )
+    with pytest.raises(EvalInputError, match="--device"):
+        evaluate(args)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_backend_runs_each_engine_in_its_own_process(random_target, fresh_draft, prompts_file, tmp_path):
+    """run_eval's vLLM path end to end: it never imports vLLM itself (each engine gets a process
+    of its own; one engine here to keep CI short), eager on CPU."""
+    code = (
+        "import json, sys\n"
+        "from eagle3.evaluate.run import evaluate, parse_args\n"
+        "report = evaluate(parse_args(sys.argv[1:]))\n"
+        "print(json.dumps({'vllm_here': 'vllm' in sys.modules, **report.to_dict()}))\n"
+    )
+    args = ["--model", str(random_target), "--draft", str(fresh_draft), "--dataset", str(prompts_file)]
+    args += ["--backend", "vllm", "--num-prompts", "2", "--max-new-tokens", "8", "--no-baseline"]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["vllm_here"] is False
+    assert report["device"] == "cpu" and report["rounds"] > 0 and report["generated_tokens"] > 0

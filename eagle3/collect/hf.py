@@ -97,7 +97,10 @@ class HfBackend:
         hidden_dtype: str = "bf16",
     ):
         self.device = torch.device(device or default_device())
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=_torch_dtype(dtype)).to(self.device).eval()
+        # Straight onto this rank's device (no full copy in host memory per rank first).
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model, dtype=_torch_dtype(dtype), device_map=self.device
+        ).eval()
         self.renderer = renderer
         self.hidden_dtype = capture_dtype(hidden_dtype)  # the store encodes fp8 from bf16
         self.capture_states = has_states(hidden_dtype)  # --no-states: ids and masks only

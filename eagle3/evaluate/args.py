@@ -57,6 +57,23 @@ class EvalArgs:
             "choices": ["greedy", "probabilistic"],
         },
     )
+    device: str | None = field(
+        default=None,
+        metadata={"help": "hf backend: torch device for target and draft (default: cuda when available, else cpu)."},
+    )
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "vllm backend: GPUs per engine (each engine runs in its own process).", "aliases": ["-tp"]},
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "vllm backend: fraction of each GPU's memory an engine may take."}
+    )
+    enforce_eager: bool | None = field(
+        default=None,
+        metadata={
+            "help": "vllm backend: no CUDA graphs. Default: eager on CPU only, so GPU speeds are what vLLM serves."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, what in (("model", "the target's folder or Hub id"), ("draft", "the draft folder")):
@@ -70,6 +87,10 @@ class EvalArgs:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be >= 1, got {self.num_prompts} (omit it to use all prompts)")
         # Missing packages are found now, not after the whole evaluation.

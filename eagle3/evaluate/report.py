@@ -25,6 +25,7 @@ class AcceptanceReport:
     # training's teacher-forced estimate (accept_len, k steps) on the same prompts and answers (hf)
     teacher_forced_acceptance_length: float | None = None
     notes: list[str] = field(default_factory=list)
+    device: str | None = None  # where the models ran (hf: the torch device; vllm: the platform)
 
     @property
     def acceptance_length(self) -> float:
@@ -59,7 +60,7 @@ class AcceptanceReport:
 
     def table(self) -> str:
         rows = [
-            ("backend", self.backend),
+            ("backend", self.backend if self.device is None else f"{self.backend} ({self.device})"),
             ("k (num_speculative_tokens)", str(self.num_speculative_tokens)),
             ("temperature", f"{self.temperature:g}"),
             ("prompts / target steps", f"{self.num_prompts} / {self.rounds}"),

@@ -37,6 +37,13 @@ def validate(args: EvalArgs) -> None:
             f"--draft {args.draft}: no draft there (config.json missing); pass the folder run_train.py "
             "wrote, e.g. OUTPUT_DIR/best_model."
         )
+    if args.device is not None and args.backend == "hf":
+        import torch
+
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as error:
+            raise EvalInputError(f"--device {args.device}: not usable here ({error}).") from None
     problems = errors(check_draft(draft, args.model))
     if problems:
         listed = "\n".join(f"  - {problem}" for problem in problems)
@@ -79,14 +86,17 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
 
     torch.manual_seed(args.seed)
-    target = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto")
-    draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Straight onto the device: no full copy of the target in host memory first.
+    target = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=device)
+    draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
     decoder = SpeculativeDecoder(
         target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed, draft_sampling=args.draft_sampling
     )
     report = AcceptanceReport(
         backend="hf",
+        device=str(device),
         model=args.model,
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
@@ -128,23 +138,29 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
 
 
 def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
-    from eagle3.evaluate.vllm_bench import run_vllm
+    from eagle3.evaluate.vllm_bench import run_vllm_in_subprocess
 
+    # One process per engine: a finished engine's GPU memory is only given back when its
+    # process ends, and the second engine would otherwise start on what the first left.
     common = dict(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
         max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
-    speculative = run_vllm(
+    speculative = run_vllm_in_subprocess(
         args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
     )
-    baseline = None if args.no_baseline else run_vllm(args.model, prompts, **common)
+    baseline = None if args.no_baseline else run_vllm_in_subprocess(args.model, prompts, **common)
     per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[
         : args.num_speculative_tokens
     ]
     return AcceptanceReport(
         backend="vllm",
+        device=speculative.device,
         model=args.model,
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,

@@ -88,6 +88,9 @@ class SpeculativeDecoder:
         self.draft_sampling = draft_sampling
         self.target = target.eval()
         self.draft = draft.eval()
+        # Inputs go to the models' device; sampling stays on the CPU generator (seeded the same
+        # on every device), so only [V] probability vectors ever cross.
+        self.device = next(target.parameters()).device
         self.k = num_speculative_tokens
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
@@ -102,19 +105,19 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ pieces
     def _target_forward(self, ids: list[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
         """Target logits [n, V] and aux states [n, n_aux*H] for ``ids`` appended to ``cache``."""
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=self.device)
         out = self.target(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return out.logits[0], self.recorder.concatenated()[0]
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
-        return int(torch.multinomial(_probabilities(logits, self.temperature), 1, generator=self.generator))
+        return int(torch.multinomial(_probabilities(logits.cpu(), self.temperature), 1, generator=self.generator))
 
     def _draft_distribution(self, draft_logits: torch.Tensor) -> torch.Tensor:
         """Draft probabilities over the TARGET vocab (zero outside the draft vocab)."""
-        full = torch.zeros(self.vocab_size)
-        full[self.draft_to_target] = _probabilities(draft_logits, self.temperature)
+        full = torch.zeros(self.vocab_size, device="cpu")
+        full[self.draft_to_target] = _probabilities(draft_logits.cpu(), self.temperature)
         return full
 
     def _draft_token(self, normed: torch.Tensor, distributions: list) -> int:
@@ -131,8 +134,9 @@ class SpeculativeDecoder:
         """``count`` more draft tokens (target ids), chaining the draft's own pre-norm state."""
         tokens = []
         for step in range(count):
-            embeds = self.draft.embed_tokens(torch.tensor([[token]]))
-            normed, hidden = self.draft.draft_step(hidden, embeds, torch.tensor([[position + step]]), cache)
+            embeds = self.draft.embed_tokens(torch.tensor([[token]], device=self.device))
+            positions = torch.tensor([[position + step]], device=self.device)
+            normed, hidden = self.draft.draft_step(hidden, embeds, positions, cache)
             token = self._draft_token(normed, distributions)
             tokens.append(token)
         return tokens
@@ -154,8 +158,10 @@ class SpeculativeDecoder:
                     residual = residual / residual.sum() if residual.sum() > 0 else p
                     return kept + [int(torch.multinomial(residual, 1, generator=self.generator))]
             else:
-                p = _probabilities(target_logits[j], self.temperature)
-                if torch.rand(1, generator=self.generator).item() >= min(1.0, float(p[token] / q[j][token])):
+                p = _probabilities(target_logits[j].cpu(), self.temperature)
+                if torch.rand(1, generator=self.generator, device="cpu").item() >= min(
+                    1.0, float(p[token] / q[j][token])
+                ):
                     residual = (p - q[j]).clamp(min=0)
                     residual = residual / residual.sum() if residual.sum() > 0 else p
                     return kept + [int(torch.multinomial(residual, 1, generator=self.generator))]
@@ -177,8 +183,8 @@ class SpeculativeDecoder:
         finished = output[-1] in self.eos_ids
         while len(output) < max_new_tokens and not finished:
             hidden = self.draft.combine_hidden_states(pending_aux.unsqueeze(0))
-            embeds = self.draft.embed_tokens(torch.tensor([pending_tokens]))
-            positions = torch.arange(position, position + len(pending_tokens)).unsqueeze(0)
+            embeds = self.draft.embed_tokens(torch.tensor([pending_tokens], device=self.device))
+            positions = torch.arange(position, position + len(pending_tokens), device=self.device).unsqueeze(0)
             normed, prenorm = self.draft.draft_step(hidden, embeds, positions, draft_cache)
             position += len(pending_tokens)
             committed = draft_cache.seq_length()

@@ -11,8 +11,12 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -25,6 +29,9 @@ class VllmRun:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    device: str = ""  # vLLM's platform (cpu, cuda, ...)
+    enforce_eager: bool = True
+    pid: int = 0  # the process the engine ran in
 
     @property
     def acceptance_length(self) -> float | None:
@@ -63,10 +70,21 @@ def run_vllm(
     temperature: float = 0.0,
     max_model_len: int = 1024,
     seed: int = 0,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    enforce_eager: bool | None = None,
 ) -> VllmRun:
-    """Generate for ``prompts`` (text or token ids) with vLLM, optionally speculating with ``draft``."""
+    """Generate for ``prompts`` (text or token ids) with vLLM, optionally speculating with ``draft``.
+
+    ``enforce_eager=None``: eager on CPU only; on a GPU vLLM captures CUDA graphs as it does
+    when serving, so the measured speed is the served speed.
+    """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+
+    if enforce_eager is None:
+        enforce_eager = current_platform.is_cpu()
 
     speculative_config = None
     if draft is not None:
@@ -77,7 +95,9 @@ def run_vllm(
         max_model_len=max_model_len,
         disable_log_stats=False,
         seed=seed,
-        enforce_eager=True,
+        enforce_eager=enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
     )
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
     if prompts and not isinstance(prompts[0], str):
@@ -94,10 +114,42 @@ def run_vllm(
         seconds=seconds,
         generated_tokens=sum(len(ids) for ids in token_ids),
         **(_spec_decode_counters(llm.get_metrics()) if draft is not None else {}),
+        device=str(current_platform.device_type),
+        enforce_eager=enforce_eager,
+        pid=os.getpid(),
     )
     del llm
     gc.collect()
     return run
+
+
+def run_vllm_in_subprocess(model: str, prompts: list[str] | list[list[int]], **kwargs) -> VllmRun:
+    """``run_vllm`` in a fresh process (this module's command line): one engine per process."""
+    with tempfile.TemporaryDirectory(prefix="eagle3-vllm-") as workdir:
+        prompts_path, out_path = Path(workdir) / "prompts.json", Path(workdir) / "run.json"
+        prompts_path.write_text(json.dumps(prompts))
+        command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(model), "--single"]
+        command += ["--prompts", str(prompts_path), "--json", str(out_path)]
+        draft = kwargs.pop("draft", None)
+        if draft is not None:
+            command += ["--draft", str(draft)]
+        flags = {"max_tokens": "--max-tokens", "max_model_len": "--max-model-len"}
+        for key, value in kwargs.items():
+            if value is None:
+                continue
+            flag = flags.get(key, "--" + key.replace("_", "-"))
+            if isinstance(value, bool):
+                command.append(flag if value else "--no-" + flag[2:])
+            else:
+                command += [flag, str(value)]
+        result = subprocess.run(command)  # vLLM's log goes to the user's terminal
+        if result.returncode != 0 or not out_path.exists():
+            engine = "speculative" if draft is not None else "target-only"
+            raise RuntimeError(f"the {engine} vLLM engine failed (exit {result.returncode}); its log is above")
+        data = json.loads(out_path.read_text())
+    data.pop("acceptance_length", None)
+    data.pop("tokens_per_second", None)
+    return VllmRun(**data)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,11 +164,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--single", action="store_true", help="one engine; write its run as the JSON (no nesting)")
     parser.add_argument("--json", required=True, help="where to write the results")
     args = parser.parse_args(argv)
     with open(args.prompts) as handle:
         prompts = json.load(handle)
-    common = dict(max_tokens=args.max_tokens, temperature=args.temperature, max_model_len=args.max_model_len)
+    common = dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+    )
+    if args.single:
+        draft = args.draft[0] if args.draft else None
+        run = run_vllm(args.model, prompts, draft=draft, num_speculative_tokens=args.num_speculative_tokens, **common)
+        with open(args.json, "w") as handle:
+            json.dump(run.to_dict(), handle, indent=1)
+        return
     results: dict = {}
     if args.baseline or not args.draft:
         results["baseline"] = run_vllm(args.model, prompts, **common).to_dict()
