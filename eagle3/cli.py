@@ -34,7 +34,7 @@ def new_draft(
 
     from eagle3.config import Eagle3Qwen3Config
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
-    from eagle3.target import TargetHead
+    from eagle3.target import TargetHead, resolve_model
 
     torch.manual_seed(seed)
     head = TargetHead.from_pretrained(target)
@@ -43,7 +43,7 @@ def new_draft(
         target_layers=target_layers,
         num_draft_layers=num_draft_layers,
         draft_vocab_size=draft_vocab_size,
-        target_model_name_or_path=str(target),
+        target_model_name_or_path=resolve_model(target),
         draft_arch=draft_arch,
         draft_variant=draft_variant,
     )

@@ -37,6 +37,13 @@ def _resolve(model: str | Path, filename: str) -> Path | None:
         return None
 
 
+def resolve_model(model: str | Path) -> str:
+    """A local model folder as an absolute path (``./x``, ``x`` and ``/abs/x`` are one model,
+    and what is stored still points at it from another directory); a Hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
 def load_target_config(model: str | Path) -> PretrainedConfig:
     try:
         config = AutoConfig.from_pretrained(str(model))

@@ -390,3 +390,18 @@ def test_hf_backend_loads_the_target_straight_onto_its_device(tmp_path):
         backend = HfBackend(str(target), renderer, [0, 1, 2], device="meta", dtype="float32")
     assert next(backend.model.parameters()).device.type == "meta"
     assert peak.delta_gib < 0.06, f"host memory peaked {peak.delta_gib:.2f} GiB above the start while loading"
+
+
+def test_local_model_path_is_stored_absolute_and_resumes_however_typed(
+    trained_target, chats, tmp_path, capsys, monkeypatch
+):
+    """./target and target are one model: the manifest holds the absolute path, resume accepts both."""
+    (tmp_path / "target").symlink_to(trained_target, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", chats, "--output-dir", "out", "--no-regenerate", "--quiet"]
+    assert run_main(["--model", "./target", *argv], capsys)[0] == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["target"]["name_or_path"] == str(Path(trained_target).resolve())
+    code, stdout, err = run_main(["--model", "target", *argv], capsys)
+    assert code == 0, err
+    assert "collected 0 samples" in stdout

@@ -313,3 +313,18 @@ def test_best_model_loads_and_speculates_in_vllm(trained_run, tmp_path, vllm_ben
     (run,) = out["drafts"].values()
     print(f"vLLM acceptance length of best_model: {run['acceptance_length']:.3f}")
     assert run["num_drafts"] > 0 and run["acceptance_length"] > 1.3
+
+
+def test_relative_target_paths_are_stored_absolute(data_dir, trained_target, tmp_path, monkeypatch):
+    """What names the target (the draft's config.json, hence its model card) works from any directory."""
+    from eagle3.cli import new_draft
+    from eagle3.train.main import check_data_against_target
+
+    (tmp_path / "target").symlink_to(trained_target, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    absolute = str(Path(trained_target).resolve())
+    for typed in ("./target", "target"):
+        plan = check_data_against_target(parse_args(["--data-dir", str(data_dir), "--base-model", typed, *FAST]))
+        assert plan.base_model == absolute
+    draft = new_draft("./target", tmp_path / "draft")
+    assert json.loads((draft / "config.json").read_text())["target_model_name_or_path"] == absolute

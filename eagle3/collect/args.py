@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.config import DEFAULT_MAX_LENGTH, parse_layers
+from eagle3.target import resolve_model
 
 DATA, REGEN, STORE, BACKEND = "data", "regeneration (train on the target's own answers)", "store", "backend"
 
@@ -208,6 +209,7 @@ class CollectArgs:
             )
         if not self.model:
             raise ValueError("--model is required: the target model's folder or Hugging Face id")
+        self.model = resolve_model(self.model)  # stored in the manifest: ./x and x resume alike
         if self.print_server_command:
             return
         if not self.output_dir:

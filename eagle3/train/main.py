@@ -28,7 +28,7 @@ from eagle3.config import (
 )
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
-from eagle3.target import TargetHead, config_hash, load_target_config
+from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, split_train_eval
 from eagle3.train.loss import TargetProjector
@@ -61,7 +61,9 @@ def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
         )
     recorded = manifest.get("target") or {}
     base_model = args.model or recorded.get("name_or_path")
-    if not base_model:
+    if base_model:  # the draft's config and model card name it: absolute when local
+        base_model = resolve_model(base_model)
+    else:
         raise Eagle3ConfigError(
             "--model: not given and the data manifest does not name the target; pass the target's folder or Hub id."
         )
