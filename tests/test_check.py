@@ -172,3 +172,16 @@ def test_console_script_exit_codes(good_draft, random_target, tmp_path):
     )
     assert bad.returncode == 1
     assert "q_norm" in bad.stdout and "fix:" in bad.stdout
+
+
+def test_target_without_architectures_is_warned_about(good_draft, random_target, tmp_path):
+    """vLLM would serve such a target as an embedding model; the fix is named."""
+    target = tmp_path / "target"
+    shutil.copytree(random_target, target)
+    config = json.loads((target / "config.json").read_text())
+    del config["architectures"]
+    (target / "config.json").write_text(json.dumps(config))
+    problems = check_draft(good_draft, target)
+    assert [p.severity for p in problems] == ["warning"]
+    assert "architectures" in problems[0].what and "hf_overrides" in problems[0].fix
+    assert check_draft(good_draft, random_target) == []

@@ -362,6 +362,24 @@ def _check_vocab_map(tensors: dict, config: dict, problems: list[Problem]) -> No
                 problems.append(Problem("t2d does not mark exactly the target ids of d2t", "rebuild t2d from d2t"))
 
 
+def _check_target_architectures(target: str | Path, problems: list[Problem]) -> None:
+    """vLLM picks the target's class from config.json's ``architectures``; without it vLLM 0.32
+    resolves ``Qwen3Model`` (an embedding model) and eagle3 fails at start-up on a meta lm_head."""
+    from eagle3.target import _resolve
+
+    path = _resolve(target, "config.json")
+    if path is not None and not json.loads(path.read_text()).get("architectures"):
+        problems.append(
+            Problem(
+                f'the target\'s {path} has no "architectures": vLLM serves it as an embedding model '
+                "(Qwen3Model) and speculative decoding fails at start-up",
+                'add "architectures": ["Qwen3ForCausalLM"] to it, or pass vLLM '
+                'hf_overrides={"architectures": ["Qwen3ForCausalLM"]} (--hf-overrides on vllm serve)',
+                severity="warning",
+            )
+        )
+
+
 def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
     """All contract problems of the draft in ``draft_dir`` for ``target`` (empty = vLLM-ready)."""
     draft_dir = Path(draft_dir)
@@ -385,6 +403,7 @@ def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
     if problems:
         return problems
     arch = _check_config(config, target_config, problems)
+    _check_target_architectures(target, problems)
     files = _weight_files(draft_dir, problems)
     if files:
         _check_tensors(config, arch, files, target, problems)

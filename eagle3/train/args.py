@@ -45,7 +45,11 @@ class Eagle3TrainingArguments(TrainingArguments):
     )
     filter_rank: str | None = field(
         default=None,
-        metadata={"help": "Use only shards written by these collector ranks, e.g. 0 or 0,1 (default: all)."},
+        metadata={
+            "help": "Use only shards written by these collector ranks, e.g. 0 or 0,1 (default: all, which is what "
+            "you want after `torchrun ... run_collect.py`). For training on part of a collection, e.g. while "
+            "the other ranks are still collecting."
+        },
     )
     deduplicate: bool = field(
         default=True,

@@ -138,6 +138,17 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     store = HiddenStateStore(args.data_dir, ranks=args.filter_ranks, deduplicate=args.deduplicate)
     if len(store) == 0:
         raise Eagle3ConfigError(f"--data-dir {args.data_dir}: no samples after --filter-rank / deduplication.")
+    present = sorted({shard["rank"] for shard in store.manifest["shards"]})
+    if args.filter_ranks is not None and set(present) - set(args.filter_ranks):
+        # After `torchrun ... run_collect.py` every rank wrote its own share: filtering drops data.
+        logger.warning(
+            "--filter-rank %s: training on the shards of collector ranks %s only, of ranks %s present "
+            "(%d samples kept). Leave --filter-rank out to train on all the collected data.",
+            args.filter_rank,
+            sorted(set(args.filter_ranks) & set(present)),
+            present,
+            len(store),
+        )
     seed = args.data_seed if args.data_seed is not None else args.seed
     train_ids, eval_ids = split_train_eval(len(store), args.eval_ratio, seed)
     states = not args.online  # online: the target computes them; stored ones are not even read
