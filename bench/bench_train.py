@@ -7,11 +7,13 @@
    that materialises the target's fp32 full-vocab logits for every step.
 
     python bench/bench_train.py --throughput --memory             # memory at T=2048 (--mem-seq-len)
+    python bench/bench_train.py --memory-model   # eagle3.train.memory_model vs measured, 1.7B/4B drafts
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -27,9 +29,11 @@ from transformers import Qwen3Config
 from eagle3.config import Eagle3Qwen3Config
 from eagle3.memory import PeakRSS
 from eagle3.target import TargetHead, final_norm
+from eagle3.testing import QWEN3_SHAPES
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator
 from eagle3.train.loss import TargetProjector, ttt_loss
+from eagle3.train.memory_model import estimate_peak_memory
 from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.trainer import Eagle3Trainer
 
@@ -221,6 +225,88 @@ def memory(args) -> dict:
     return results
 
 
+# Draft shapes of Qwen3 targets (eagle3.testing.QWEN3_SHAPES) for the memory-model check.
+MODEL_SHAPES = {
+    name: dict(
+        hidden=shape["hidden_size"],
+        vocab=shape["vocab_size"],
+        heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"],
+        intermediate=shape["intermediate_size"],
+    )
+    for name, shape in QWEN3_SHAPES.items()
+}
+MODEL_CHECKS = (("qwen3-1.7b", 2048), ("qwen3-4b", 1024))
+
+
+def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 32000):
+    dims = MODEL_SHAPES[shape]
+    return estimate_peak_memory(
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        head_dim=dims["head_dim"],
+        vocab_size=dims["vocab"],
+        draft_vocab_size=draft_vocab,
+        tokens_per_batch=length,
+        ttt_steps=steps,
+        target_dtype_bytes=2,
+    )
+
+
+def model_step(shape: str, length: int) -> dict:
+    """Measured peak of two full training steps (forward, backward, AdamW step) in this fresh
+    process, above the resident memory before anything was built: what the estimate covers."""
+    dims = MODEL_SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, dims["vocab"], (1, length), generator=g)
+    aux = torch.randn(1, length, 3 * dims["hidden"], generator=g).bfloat16()
+    last = torch.randn(1, length, dims["hidden"], generator=g).bfloat16()
+    mask = torch.ones(1, length, dtype=torch.bool)
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    draft, head, ids = make_parts(draft_vocab=32000, steps=7, **dims)
+    # As run_train.py holds them: the target's head in its checkpoint dtype (bf16), the draft's
+    # copy of the embedding in fp32; the TargetHead itself is dropped after building.
+    head.lm_head, head.embed_tokens = head.lm_head.bfloat16(), None
+    projector = TargetProjector(head, ids)
+    del head
+    gc.collect()
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
+    with PeakRSS() as peak:  # the peak of training (building has its own, smaller, transient)
+        for _ in range(2):
+            loss, _ = ttt_loss(draft, input_ids, aux, projector(last, mask), 7, 0.8)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    return {"measured_gib": round((peak.peak - base) / 2**30, 3)}
+
+
+def memory_model_check(args) -> dict:
+    """Estimate vs measured peak at two model shapes, each measured in its own process."""
+    results = {"measured_with": "process peak RSS above the pre-build baseline (psutil, 5 ms sampling)"}
+    for shape, length in MODEL_CHECKS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--model-step", shape, "--mem-seq-len", str(length)],
+            capture_output=True,
+            text=True,
+        )
+        estimate = model_estimate(shape, length)
+        entry = {"seq_len": length, "estimated_gib": round(estimate.total / 2**30, 3)}
+        if child.returncode != 0:
+            entry["failed"] = child.stderr[-500:]
+        else:
+            entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
+            entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
+            entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
+        results[shape] = entry
+        print(shape, entry, flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--throughput", action="store_true")
@@ -231,10 +317,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--mem-seq-len", type=int, default=2048)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--memory-model", action="store_true", help="estimated vs measured peak at two shapes")
     parser.add_argument("--memory-kind", choices=MEMORY_KINDS, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--model-step", choices=list(MODEL_SHAPES), help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.memory_kind:
         print(json.dumps(memory_step(args.memory_kind, args.mem_seq_len)))
+        return
+    if args.model_step:
+        print(json.dumps(model_step(args.model_step, args.mem_seq_len)))
         return
     results = {}
     if args.throughput:
@@ -243,6 +334,9 @@ def main() -> None:
     if args.memory:
         results["memory"] = memory(args)
         print(json.dumps(results["memory"], indent=1), flush=True)
+    if args.memory_model:
+        results["memory_model"] = memory_model_check(args)
+        print(json.dumps(results["memory_model"], indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

@@ -199,8 +199,17 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path):
-    # 117 train samples / batch 16 = 8 steps per epoch: the interruption is in epoch 0, the run ends in epoch 1.
+@pytest.mark.parametrize(
+    ("batching", "stop_at"),
+    [
+        # 117 train samples / batch 16 = 8 steps per epoch: interrupted in epoch 0, the run ends in epoch 1.
+        ([], 5),
+        # 117 samples of 27-45 tokens in 768-token batches = 6 steps per epoch: interrupted mid-epoch 1,
+        # whose batch order (seed + epoch) the resumed run must draw again.
+        (["--max-tokens-per-batch", "768"], 8),
+    ],
+)
+def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path, batching, stop_at):
     def args(out, *extra):
         return parse_args(
             [
@@ -225,20 +234,22 @@ def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path):
                 "--save_steps",
                 "100",
                 *FAST,
+                *batching,
                 *extra,
             ]
         )
 
+    checkpoint = tmp_path / "interrupted" / f"checkpoint-{stop_at}"
     train(args(tmp_path / "straight"))
-    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(5)])
-    assert (tmp_path / "interrupted" / "checkpoint-5" / "optimizer.pt").exists()
-    train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(tmp_path / "interrupted" / "checkpoint-5")))
+    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(stop_at)])
+    assert (checkpoint / "optimizer.pt").exists()
+    train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
     straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
     resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
     assert straight.keys() == resumed.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
-    fresh = load_file(tmp_path / "interrupted" / "checkpoint-5" / "model.safetensors")
+    fresh = load_file(checkpoint / "model.safetensors")
     assert not torch.allclose(fresh["fc.weight"], straight["fc.weight"])  # the resume did train further
 
 

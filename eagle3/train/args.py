@@ -60,6 +60,16 @@ class Eagle3TrainingArguments(TrainingArguments):
         metadata={"help": "Fraction of samples held out for evaluation (deterministic split, data_seed/seed)."},
     )
     max_length: int = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Truncate samples to this many tokens."})
+    max_tokens_per_batch: int | None = field(
+        default=None,
+        metadata={
+            "help": "Size micro-batches by tokens, per device: samples of similar length are packed until their "
+            "padded size (samples x longest) reaches this budget; --batch-size is then unused. The batch with "
+            "the most tokens comes first, so a budget too large for the device fails at step 1. The estimated "
+            "peak memory printed before training (and docs/TRAIN.md's table) says what fits.",
+            "aliases": ["--max_tokens_per_batch"],
+        },
+    )
     # --- online training: the target computes the states inside training (no states on disk) ---
     online: bool = field(
         default=False,
@@ -219,6 +229,8 @@ class Eagle3TrainingArguments(TrainingArguments):
             raise ValueError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            raise ValueError(f"--max-tokens-per-batch must be >= 1, got {self.max_tokens_per_batch}")
         super().__post_init__()
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
 from eagle3.data.store import HiddenStateStore
 
@@ -87,6 +87,79 @@ class LengthGroupedEpochSampler(LengthGroupedSampler):
         return super().__iter__()
 
 
+def padded(length: int, multiple: int) -> int:
+    return -(-length // multiple) * multiple
+
+
+class TokenBudgetBatchSampler(BatchRebalanceSampler):
+    """Micro-batches of at most ``max_tokens`` padded tokens (samples x longest), per device.
+
+    Each epoch (seed + epoch): samples are shuffled, sorted by length (ties stay shuffled) and
+    packed greedily, so a batch holds samples of similar length and little padding; the batch
+    order is shuffled, except that the ``world_size`` batches with the most tokens come first:
+    if the budget does not fit the device, step 1 says so, not step 30 000.
+
+    Every rank computes the same batches and takes every ``world_size``-th one; the list is
+    padded with batches from its start to a multiple of ``world_size``, so all ranks run the
+    same number of steps (as DistributedSampler pads). Subclassing transformers'
+    ``BatchRebalanceSampler`` is what makes the Trainer pass it as a rank-aware batch sampler
+    (accelerate does not shard it again); its own balancing is not used.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        self.lengths = list(lengths)
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.world_size = max(1, world_size)
+        self.rank = rank
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.epoch = 0
+        longest = padded(max(self.lengths), pad_to_multiple_of)
+        if longest > max_tokens:
+            raise ValueError(
+                f"--max-tokens-per-batch {max_tokens} is smaller than the longest sample ({longest} tokens, padded); "
+                f"raise it to at least {longest} or lower --max-length."
+            )
+        self.num_batches = len(self._global_batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        order.sort(key=lambda i: self.lengths[i], reverse=True)  # stable: equal lengths stay shuffled
+        batches: list[list[int]] = []
+        for index in order:
+            if batches:
+                width = padded(self.lengths[batches[-1][0]], self.pad_to_multiple_of)  # longest first
+                if (len(batches[-1]) + 1) * width <= self.max_tokens:
+                    batches[-1].append(index)
+                    continue
+            batches.append([index])
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        cost = [len(b) * padded(self.lengths[b[0]], self.pad_to_multiple_of) for b in shuffled]
+        first = sorted(range(len(shuffled)), key=lambda i: (-cost[i], -self.lengths[shuffled[i][0]]))
+        first = first[: self.world_size]
+        batches = [shuffled[i] for i in first] + [b for i, b in enumerate(shuffled) if i not in set(first)]
+        short = -len(batches) % self.world_size
+        return batches + [batches[i % len(batches)] for i in range(short)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._global_batches(self.epoch)[self.rank :: self.world_size]
+
+    def __len__(self) -> int:
+        return self.num_batches // self.world_size
+
+
 class Eagle3Collator:
     """Right-pad to the batch's longest sample (rounded up to ``pad_to_multiple_of``)."""
 
@@ -95,8 +168,7 @@ class Eagle3Collator:
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         lengths = torch.tensor([len(f["input_ids"]) for f in features])
-        multiple = self.pad_to_multiple_of
-        length = int(-(-int(lengths.max()) // multiple) * multiple)
+        length = padded(int(lengths.max()), self.pad_to_multiple_of)
         batch = {}
         for key in features[0]:  # ids, mask, and the states as stored (maybe fp8 + scales, maybe none)
             first = features[0][key]

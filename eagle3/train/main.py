@@ -30,8 +30,9 @@ from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
 from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model
 from eagle3.train.args import Eagle3TrainingArguments
-from eagle3.train.dataset import Eagle3Collator, StoreDataset, split_train_eval
+from eagle3.train.dataset import Eagle3Collator, StoreDataset, padded, split_train_eval
 from eagle3.train.loss import TargetProjector
+from eagle3.train.memory_model import estimate_peak_memory
 from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
 from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE, FINAL_MODEL_DIR, Eagle3Trainer
@@ -117,6 +118,34 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
     return draft
 
 
+def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_size: int, tokens: int):
+    """The memory model for this run's shapes, precision and ZeRO settings."""
+    ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    zero = ds.get("zero_optimization", {})
+    offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    return estimate_peak_memory(
+        hidden_size=target_config.hidden_size,
+        intermediate_size=target_config.intermediate_size,
+        num_attention_heads=target_config.num_attention_heads,
+        num_key_value_heads=target_config.num_key_value_heads,
+        head_dim=getattr(target_config, "head_dim", None)
+        or target_config.hidden_size // target_config.num_attention_heads,
+        vocab_size=target_config.vocab_size,
+        draft_vocab_size=draft_vocab_size,
+        tokens_per_batch=tokens,
+        ttt_steps=args.ttt_steps,
+        num_draft_layers=args.num_draft_layers,
+        mixed_precision=bool(args.bf16 or args.fp16),
+        head_checkpointing=args.head_checkpointing,
+        target_dtype_bytes=2
+        if str(getattr(target_config, "dtype", "bfloat16")).endswith(("bfloat16", "float16"))
+        else 4,
+        zero_stage=int(zero.get("stage", 0) or 0),
+        world_size=args.world_size,
+        offload_optimizer=offload,
+    )
+
+
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (empty without an eval split)."""
     if args.online and args.dataset:
@@ -155,6 +184,14 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     train_set = StoreDataset(store, train_ids, args.max_length, states=states)
     eval_ids = sorted(eval_ids, key=store.length)  # sequential eval order then pads little
     eval_set = StoreDataset(store, eval_ids, args.max_length, states=states) if eval_ids else None
+    pad_multiple = 8 if (args.bf16 or args.fp16) else 1
+    longest = padded(max(train_set.lengths), pad_multiple)
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < longest:
+        raise Eagle3ConfigError(
+            f"--max-tokens-per-batch {args.max_tokens_per_batch} is smaller than the longest training sample "
+            f"({longest} tokens, padded; --max-length {args.max_length}). Raise it to at least {longest}, or lower "
+            "--max-length."
+        )
 
     vocab_size = plan.target_config.vocab_size
     counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
@@ -171,16 +208,22 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         "draft_vocab_coverage": coverage(counts, draft_ids),
     }
     logger.info("data: %s", data_stats)
+    tokens = args.max_tokens_per_batch or args.per_device_train_batch_size * longest
+    estimate = memory_estimate(args, plan.target_config, int(draft_ids.numel()), tokens)
+    if args.should_log:
+        print(f"estimated peak memory per device (eagle3.train.memory_model):\n{estimate.table()}", flush=True)
 
     head = TargetHead.from_pretrained(plan.base_model)
     draft = build_draft(args, plan, head, draft_ids)
+    target = TargetProjector(head, draft_ids)
+    del head  # the draft and the projector hold what they need; the rest would only take memory
     trainer = Eagle3Trainer(
         model=draft,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Eagle3Collator(pad_to_multiple_of=8 if (args.bf16 or args.fp16) else 1),
-        target=TargetProjector(head, draft_ids),
+        data_collator=Eagle3Collator(pad_to_multiple_of=pad_multiple),
+        target=target,
         data_stats=data_stats,
         callbacks=callbacks,
         online_target=(

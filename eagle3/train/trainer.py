@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from eagle3.data.codecs import decode_batch
-from eagle3.train.dataset import LengthGroupedEpochSampler
+from eagle3.train.dataset import LengthGroupedEpochSampler, TokenBudgetBatchSampler
 from eagle3.train.loss import TargetProjector, count_items, metrics_from_stats, stats_size
 from eagle3.train.online import OnlineTarget
 
@@ -65,12 +65,31 @@ class Eagle3Trainer(Trainer):
     # ------------------------------------------------------------------ data order
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return LengthGroupedEpochSampler(
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = None
+        if self.args.max_tokens_per_batch and hasattr(dataset, "lengths"):
+            sampler = TokenBudgetBatchSampler(
+                dataset.lengths,
+                self.args.max_tokens_per_batch,
+                seed=seed,
+                world_size=self.args.world_size,
+                rank=self.args.process_index,
+                pad_to_multiple_of=getattr(self.data_collator, "pad_to_multiple_of", 1),
+            )
+        elif self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            sampler = LengthGroupedEpochSampler(
                 self.args.train_batch_size * self.args.gradient_accumulation_steps, dataset.lengths, seed
             )
-        return super()._get_train_sampler(train_dataset)
+        self._epoch_sampler = sampler
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # The epoch's order is drawn from seed + epoch. Set it here: on a resume mid-epoch the
+        # dataloader is wrapped for skipping and the Trainer's own set_epoch no longer reaches us.
+        sampler = getattr(self, "_epoch_sampler", None)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def _get_eval_sampler(self, eval_dataset):
         # The eval split is stored sorted by length already: sequential order pads least.

@@ -1,0 +1,251 @@
+"""Peak memory of one training process (one device), estimated before training starts.
+
+A pure function of the shapes: the draft's weights, gradients and AdamW states, the frozen
+pieces (the target's embedding inside the draft; the target's norm and lm_head in the loss),
+and the activations the training-time test keeps for backward, which grow with the tokens in
+a micro-batch. ``run_train.py`` prints it before the first step, and ``--max-tokens-per-batch``
+is how one keeps the last term in check. ``bench/bench_train.py --memory-model`` measures the
+real peak against it.
+
+Activation bytes per token are counted from what autograd keeps in ``eagle3.train.loss.ttt_loss``
+(``eagle3.modeling``), per TTT step:
+
+* the decoder layer: norms (input and output, fp32 statistics), the 2H concatenation, q/k/v and
+  their q/k norms and rotary outputs, the attention output, o_proj, the MLP's gate, up, SiLU
+  and product (4 x intermediate), the residual sums and the final norm;
+* the step's head: log-softmax output over the draft vocabulary, always fp32 (``.float()``),
+  unless ``--head-checkpointing`` recomputes it in backward;
+* once per token: the fp32 copy of the aux states for ``fc``, its output, the token embeddings,
+  and the target's softmax over the draft vocabulary (fp32).
+
+Plus one transient: the backward of one step's head holds its logits' gradient and softmax
+(2 x draft vocab fp32 per token). Under ``--bf16``/``--fp16`` the layer activations are 2-byte
+(autocast) while the head's log-softmax and the target's probabilities stay fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+GIB = 2**30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device; ``total`` is the estimated peak."""
+
+    trainable_weights: int
+    frozen_weights: int
+    gradients: int
+    optimizer_states: int
+    target_head: int
+    activations: int
+    tokens_per_batch: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.trainable_weights
+            + self.frozen_weights
+            + self.gradients
+            + self.optimizer_states
+            + self.target_head
+            + self.activations
+        )
+
+    def table(self) -> str:
+        rows = [
+            ("draft weights (trainable, fp32 master)", self.trainable_weights),
+            ("frozen weights (target embedding in the draft)", self.frozen_weights),
+            ("gradients", self.gradients),
+            ("AdamW states", self.optimizer_states),
+            ("target norm + lm_head (loss)", self.target_head),
+            (f"TTT activations ({self.tokens_per_batch} tokens per micro-batch)", self.activations),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {value / GIB:7.2f} GiB" for name, value in rows]
+        lines.append(f"  {'estimated peak per device':<{width}}  {self.total / GIB:7.2f} GiB")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def draft_parameter_counts(
+    hidden_size: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    draft_vocab_size: int,
+    target_hidden_size: int | None = None,
+    num_aux: int = 3,
+    num_draft_layers: int = 1,
+) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of the draft (frozen = the target's embedding)."""
+    h, i = hidden_size, intermediate_size
+    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    trainable = num_aux * (target_hidden_size or h) * h + h  # fc + final norm
+    for layer in range(num_draft_layers):
+        width = 2 * h if layer == 0 else h
+        trainable += width * (q + 2 * kv) + q * h + 3 * h * i  # attention + MLP
+        trainable += 2 * h + 2 * head_dim + (h if layer == 0 else 0)  # norms (hidden_norm on layer 0)
+    trainable += draft_vocab_size * h  # lm_head
+    return trainable, vocab_size * h
+
+
+def activation_bytes_per_token(
+    hidden_size: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    draft_vocab_size: int,
+    ttt_steps: int,
+    target_hidden_size: int | None = None,
+    num_aux: int = 3,
+    num_draft_layers: int = 1,
+    mixed_precision: bool = False,
+    head_checkpointing: bool = False,
+) -> int:
+    """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc)."""
+    h, i, vd = hidden_size, intermediate_size, draft_vocab_size
+    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    act = 2 if mixed_precision else 4  # layer activations (autocast) ...
+    fp32 = 4  # ... while softmaxes and norm statistics stay fp32
+    layer = 0
+    for index in range(num_draft_layers):
+        width = 2 * h if index == 0 else h
+        norms = (3 if index == 0 else 1) * 2 * h * fp32  # input/hidden norms (+ post-attention below)
+        layer += norms + width * act  # the concatenated (or summed) layer input
+        layer += (3 * q + 3 * kv) * act + 2 * kv * act  # q, k, v, q/k norms, rotary; cached k, v
+        layer += q * act + h * act  # attention output, o_proj output
+        layer += 2 * h * fp32 + h * act  # post-attention norm, residual
+        layer += 4 * i * act + h * act  # gate, up, SiLU, product; down output
+    layer += 2 * h * fp32  # final norm, pre-norm sum
+    head = 0 if head_checkpointing else vd * fp32  # log-softmax output
+    per_step = layer + head + h * act  # + the normed hidden fed to lm_head
+    once = num_aux * (target_hidden_size or h) * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
+    transient = 2 * vd * fp32  # one step's head backward: grad of logits + softmax
+    return ttt_steps * per_step + once + transient
+
+
+def estimate_peak_memory(
+    hidden_size: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    draft_vocab_size: int,
+    tokens_per_batch: int,
+    ttt_steps: int = 7,
+    target_hidden_size: int | None = None,
+    num_aux: int = 3,
+    num_draft_layers: int = 1,
+    mixed_precision: bool = False,
+    head_checkpointing: bool = False,
+    target_dtype_bytes: int = 2,
+    zero_stage: int = 0,
+    world_size: int = 1,
+    offload_optimizer: bool = False,
+) -> MemoryEstimate:
+    """Estimated peak bytes on one device for micro-batches of ``tokens_per_batch`` padded tokens.
+
+    ZeRO-1/2 shard the AdamW states (and ZeRO-2 the gradients) over ``world_size``; ZeRO-3 also
+    the trainable weights; ``offload_optimizer`` moves the AdamW states to host memory. The
+    frozen embedding and the target's head are whole on every device.
+    """
+    trainable, frozen = draft_parameter_counts(
+        hidden_size,
+        intermediate_size,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size,
+        draft_vocab_size,
+        target_hidden_size,
+        num_aux,
+        num_draft_layers,
+    )
+    shard = max(1, world_size)
+    weights = trainable * 4 // (shard if zero_stage >= 3 else 1)
+    gradients = trainable * 4 // (shard if zero_stage >= 2 else 1)
+    optimizer = 0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1)
+    full_head = vocab_size if draft_vocab_size < vocab_size else 0  # argmax over the full vocab
+    target_head = (full_head + draft_vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes
+    per_token = activation_bytes_per_token(
+        hidden_size,
+        intermediate_size,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        draft_vocab_size,
+        ttt_steps,
+        target_hidden_size,
+        num_aux,
+        num_draft_layers,
+        mixed_precision,
+        head_checkpointing,
+    )
+    return MemoryEstimate(
+        trainable_weights=weights,
+        frozen_weights=frozen * 4,
+        gradients=gradients,
+        optimizer_states=optimizer,
+        target_head=target_head,
+        activations=per_token * tokens_per_batch,
+        tokens_per_batch=tokens_per_batch,
+    )
+
+
+def max_tokens_per_batch(budget_bytes: int, **shapes) -> int:
+    """The largest micro-batch (in padded tokens, a multiple of 64) whose estimate fits ``budget_bytes``."""
+    fixed = estimate_peak_memory(tokens_per_batch=0, **shapes).total
+    per_token = estimate_peak_memory(tokens_per_batch=1, **shapes).activations
+    if budget_bytes <= fixed:
+        return 0
+    return (budget_bytes - fixed) // per_token // 64 * 64
+
+
+# Qwen3 targets' draft shapes (same numbers as eagle3.testing.QWEN3_SHAPES, kept here so this
+# module needs nothing else).
+QWEN3_DRAFT_SHAPES = {
+    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8),
+    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def usable_bytes(device_gb: float) -> int:
+    """What a training process can allocate on a ``device_gb`` GB GPU: 90 % (allocator
+    fragmentation, NCCL buffers) minus 1 GiB (CUDA context, kernels)."""
+    return int(device_gb * 1e9 * 0.9) - GIB
+
+
+def budget_table(
+    device_gbs: tuple[float, ...] = (24, 40, 80), draft_vocab_size: int = 32000, ttt_steps: int = 7
+) -> str:
+    """Markdown: --max-tokens-per-batch per device for Qwen3 drafts (bf16, DDP), with and without
+    --head-checkpointing."""
+    header = "| draft for | fixed (weights, grads, AdamW, target head) | activations per token |"
+    header += "".join(f" {gb:g} GB |" for gb in device_gbs)
+    lines = [header, "|---" * (3 + len(device_gbs)) + "|"]
+    for name, dims in QWEN3_DRAFT_SHAPES.items():
+        shapes = dict(**dims, head_dim=128, vocab_size=151936, draft_vocab_size=draft_vocab_size, mixed_precision=True)
+        shapes["ttt_steps"] = ttt_steps
+        fixed = estimate_peak_memory(tokens_per_batch=0, **shapes).total
+        per_token = estimate_peak_memory(tokens_per_batch=1, **shapes).activations
+        per_token_hc = estimate_peak_memory(tokens_per_batch=1, head_checkpointing=True, **shapes).activations
+        row = f"| {name} | {fixed / GIB:.1f} GiB | {per_token / 2**20:.2f} MiB ({per_token_hc / 2**20:.2f}) |"
+        for gb in device_gbs:
+            plain = max_tokens_per_batch(usable_bytes(gb), **shapes)
+            checkpointed = max_tokens_per_batch(usable_bytes(gb), head_checkpointing=True, **shapes)
+            row += f" {plain} ({checkpointed}) |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(budget_table())
