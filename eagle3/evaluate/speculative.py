@@ -151,8 +151,8 @@ class SpeculativeDecoder:
             elif self.draft_sampling == "greedy":
                 # q is one-hot on the draft's argmax: keep with probability p(token); on rejection
                 # resample from max(p - onehot, 0), i.e. p without that token (vLLM's NO_DRAFT_PROBS path).
-                p = _probabilities(target_logits[j], self.temperature)
-                if torch.rand(1, generator=self.generator).item() >= float(p[token]):
+                p = _probabilities(target_logits[j].cpu(), self.temperature)
+                if torch.rand(1, generator=self.generator, device="cpu").item() >= float(p[token]):
                     residual = p.clone()
                     residual[token] = 0
                     residual = residual / residual.sum() if residual.sum() > 0 else p
@@ -234,8 +234,8 @@ class SpeculativeDecoder:
                 norm=self.target.model.norm.weight,
                 lm_head=self.target.get_output_embeddings().weight,
             )
-            self._projector = TargetProjector(head, self.draft.draft_to_target_ids().cpu())
-        ids = torch.tensor([prompt_ids + output_ids])
+            self._projector = TargetProjector(head, self.draft.draft_to_target_ids().cpu(), device=self.device)
+        ids = torch.tensor([prompt_ids + output_ids], device=self.device)
         captured: dict[str, torch.Tensor] = {}
         hook = self.target.model.layers[-1].register_forward_hook(
             lambda _m, _a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)
