@@ -204,11 +204,15 @@ def main() -> int:
         )
         if not args.skip_vllm:
             port = str(_free_port())
+            import torch
+
+            # On the CPU vLLM would torch.compile the model first (many minutes on 2 cores).
+            eager = "" if torch.cuda.is_available() else " --enforce-eager"
             hidden_dir = work_dir / "hidden-states"
             printed = rehearsal.run(
                 "print-server-command",
                 [*collect, "--print-server-command", "--port", port, "--host", "127.0.0.1"]
-                + ["--hidden-states-dir", hidden_dir, "--server-args=--max-model-len 4096"],
+                + ["--hidden-states-dir", hidden_dir, f"--server-args=--max-model-len 4096{eager}"],
             )
             command = shlex.split(printed.strip().splitlines()[-1])
             server, url = _start_server(rehearsal, command, work_dir / "vllm-server.log")
