@@ -32,7 +32,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -158,16 +157,6 @@ def _start_server(rehearsal: Rehearsal, command: list[str], log_path: Path) -> t
         time.sleep(2)
 
 
-def _stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-1.7b", help="a key of eagle3.testing.QWEN3_SHAPES")
@@ -183,7 +172,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the stage table as JSON here")
     args = parser.parse_args()
 
-    from eagle3.testing import qwen3_target
+    from eagle3.testing import qwen3_target, stop_process_group
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="eagle3-rehearsal-"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +213,7 @@ def main() -> int:
                 extra_peak=server_peak,
             )
             server_peak.stop()
-            _stop_server(server)
+            stop_process_group(server, timeout=60)
             server = None
         output_dir = work_dir / "draft"
         rehearsal.run(
@@ -247,7 +236,7 @@ def main() -> int:
             print(f"lossless: {data['lossless']}, acceptance length {data['acceptance_length']:.2f} (random draft)")
     finally:
         if server is not None:
-            _stop_server(server)
+            stop_process_group(server, timeout=60)
         total = time.perf_counter() - start
         print(f"\n## rehearsal: {args.shape} ({args.layout}, {args.dtype}), {total / 60:.1f} min in all\n")
         print(rehearsal.table())

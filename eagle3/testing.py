@@ -18,6 +18,8 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,8 +233,6 @@ def vllm_server(
 ) -> Iterator[dict]:
     """Run a vLLM server command (its own process group, log in ``log_path``) until it answers
     /health; always stopped afterwards. Yields {"url", "process"}; the command needs ``--port``."""
-    import signal
-    import subprocess
     import time
     import urllib.request
 
@@ -264,13 +264,19 @@ def vllm_server(
             time.sleep(1)
         yield {"url": url, "process": process}
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and all its children (vLLM's
+    engine core and workers), SIGKILL after ``timeout`` seconds."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def free_port() -> int:
