@@ -27,9 +27,10 @@ from transformers import TrainerCallback
 from eagle3.collect.cli import main as collect_main
 from eagle3.data.codecs import bytes_per_token_floor
 from eagle3.data.store import read_manifest
-from eagle3.testing import build_tiny_target, synthetic_conversations, tiny_target, write_jsonl
+from eagle3.testing import QWEN3_SHAPES, build_tiny_target, synthetic_conversations, tiny_target, write_jsonl
 from eagle3.train.args import parse_args
 from eagle3.train.main import train
+from eagle3.train.memory_model import draft_parameter_counts
 
 TRAIN_FLAGS = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
 
@@ -123,26 +124,20 @@ def speed(work: Path, epochs: int) -> None:
     online = train_draft(work / "s-ids", work / "s-online", target, epochs, "--online")
     print(f"   offline {offline:.0f} tokens/s, online {online:.0f} tokens/s: online/offline = {online / offline:.2f}")
     print("\n   cost model per token (FLOPs; a training step costs 3x its forward):")
-    for name, hidden, layers, inter, heads, kv in (
-        ("Qwen3-1.7B", 2048, 28, 6144, 16, 8),
-        ("Qwen3-8B", 4096, 36, 12288, 32, 8),
-    ):
-        target_flops = 2 * layers * _layer_params(hidden, inter, heads, kv)  # forward only, no lm_head needed
-        draft_forward = 2 * (3 * hidden * hidden + _layer_params(hidden, inter, heads, kv, fused_input=True))
-        draft_forward += 2 * hidden * 32000  # draft lm_head (32k draft vocab)
-        head = 2 * hidden * 32000  # the target head's draft-vocab rows, for the target distribution
+    for name in ("qwen3-1.7b", "qwen3-8b"):
+        shape = QWEN3_SHAPES[name]
+        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+        sizes = {key: shape[key] for key in (*keys, "vocab_size")}
+        h, q, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+        layer = h * (q + 2 * kv) * shape["head_dim"] + q * shape["head_dim"] * h + 3 * h * shape["intermediate_size"]
+        target_flops = 2 * shape["num_hidden_layers"] * layer  # forward only, no lm_head needed
+        draft_forward = 2 * draft_parameter_counts(**sizes, draft_vocab_size=32000)[0]  # fc, layer, 32k lm_head
+        head = 2 * h * 32000  # the target head's draft-vocab rows, for the target distribution
         draft_step = 7 * 3 * draft_forward + head
         print(
             f"   {name}: target forward {target_flops / 1e9:.1f} GFLOP/token, draft TTT step (7 steps) "
             f"{draft_step / 1e9:.1f} GFLOP/token -> online costs {1 + target_flops / draft_step:.2f}x offline compute"
         )
-
-
-def _layer_params(hidden: int, inter: int, heads: int, kv: int, fused_input: bool = False) -> int:
-    head_dim = 128
-    q_in = 2 * hidden if fused_input else hidden  # EAGLE-3's first draft layer reads [embeds, fused states]
-    attention = q_in * heads * head_dim + 2 * q_in * kv * head_dim + heads * head_dim * hidden
-    return attention + 3 * hidden * inter
 
 
 def main() -> int:
