@@ -23,6 +23,8 @@ PLAIN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 HIDDEN_DTYPES = (*PLAIN_DTYPES, "fp8", "none")
 STATE_KEYS = ("aux_hidden_states", "last_hidden_states")
 SCALE_SUFFIX = "_scales"
+# Every tensor name a sample's states may be stored under (scales only in fp8 stores).
+STATE_TENSOR_NAMES = tuple(name for key in STATE_KEYS for name in (key, key + SCALE_SUFFIX))
 
 
 def has_states(hidden_dtype: str) -> bool:

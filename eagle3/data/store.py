@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from eagle3.data.codecs import SCALE_SUFFIX, STATE_KEYS, encode, has_states
+from eagle3.data.codecs import STATE_KEYS, STATE_TENSOR_NAMES, encode, has_states
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -133,8 +133,7 @@ class Sample:
 
     def stored_tensors(self) -> dict[str, torch.Tensor]:
         """The states (and scales) this sample carries, by their names in a shard."""
-        names = [name for key in STATE_KEYS for name in (key, key + SCALE_SUFFIX)]
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in STATE_TENSOR_NAMES if getattr(self, name) is not None}
 
 
 class StoreWriter:
@@ -397,11 +396,7 @@ class HiddenStateStore:
         start, end = int(self._offsets[shard_no][j]), int(self._offsets[shard_no][j + 1])
         handle = self._handle(shard_no)
         names = set(handle.keys()) if states else set()
-        tensors = {
-            name: handle.get_slice(name)[start:end] if name in names else None
-            for key in STATE_KEYS
-            for name in (key, key + SCALE_SUFFIX)
-        }
+        tensors = {name: handle.get_slice(name)[start:end] if name in names else None for name in STATE_TENSOR_NAMES}
         return Sample(
             input_ids=handle.get_slice("input_ids")[start:end].long(),
             loss_mask=handle.get_slice("loss_mask")[start:end].bool(),
