@@ -173,6 +173,65 @@ def test_vllm_and_hf_render_the_same_samples(trained_target, server, chats, tmp_
         _assert_bf16_close(vllm_store[i].aux_hidden_states, hf_store[i].aux_hidden_states)
 
 
+def test_online_training_from_the_server_gets_the_samples_collection_stores(trained_target, server, chats, tmp_path):
+    """run_train.py --online --server-url: an ids-only store the server regenerated (--no-states), then
+    the states streamed from the server per batch are those collect-then-train reads from disk."""
+    from eagle3.train.cli import main as train_main
+    from eagle3.train.dataset import StoreDataset
+    from eagle3.train.server_states import ServerSource, ServerStatesDataset
+
+    _run(*_vllm_args(trained_target, server, chats, tmp_path / "states", "--max-new-tokens", "16"))
+    _run(*_vllm_args(trained_target, server, chats, tmp_path / "ids", "--max-new-tokens", "16", "--no-states"))
+    stored, ids_only = HiddenStateStore(tmp_path / "states"), HiddenStateStore(tmp_path / "ids")
+    assert ids_only.manifest["hidden_dtype"] == "none" and len(ids_only) == len(stored) == 4
+
+    source = ServerSource(
+        model=str(trained_target),
+        server_urls=(server["url"],),
+        hidden_states_dir=str(server["hidden_dir"]),
+        layers=(0, 3, 7),
+        num_layers=8,
+        hidden_size=stored.manifest["hidden_size"],
+        max_length=1000,
+        concurrent_requests=4,
+        run_dir=str(tmp_path / "run"),
+    )
+    streamed = ServerStatesDataset(StoreDataset(ids_only, states=False, max_length=1000), source, "train")
+    try:
+        got = streamed.__getitems__(list(range(4)))
+    finally:
+        streamed.close()
+    want = StoreDataset(stored, max_length=1000)
+    for i in range(4):
+        assert torch.equal(got[i]["input_ids"], want[i]["input_ids"])
+        assert torch.equal(got[i]["loss_mask"], want[i]["loss_mask"])
+        _assert_bf16_close(got[i]["aux_hidden_states"], want[i]["aux_hidden_states"])
+        _assert_bf16_close(got[i]["last_hidden_states"], want[i]["last_hidden_states"])
+    assert not list(Path(server["hidden_dir"]).iterdir())  # read and deleted at once: nothing accumulates
+
+    def train(*argv) -> str:
+        common = ["--output-dir", tmp_path / argv[0], "--max_steps", "3", "--batch-size", "2", "--report_to", "none"]
+        common += ["--draft-vocab-size", "256", "--ttt-steps", "2", "--eval-ratio", "0", "--save_strategy", "no"]
+        common += ["--disable_tqdm", "true", "--logging_steps", "1", "--max-length", "1000"]
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert train_main([str(a) for a in [*argv[1:], *common]]) == 0
+        return stdout.getvalue()
+
+    def losses(output: str) -> list[float]:
+        return [float(v) for v in re.findall(r"'loss': '?([0-9.]+)", output)]
+
+    offline = train("offline", "--data-dir", tmp_path / "states")
+    online = train(
+        "online", "--online", "--data-dir", tmp_path / "ids", "--server-url", server["url"],
+        "--hidden-states-dir", server["hidden_dir"],
+    )  # fmt: skip
+    assert len(losses(offline)) == len(losses(online)) == 3, (offline[-2000:], online[-2000:])
+    assert losses(online) == pytest.approx(losses(offline), rel=2e-2)
+    assert re.search(r"data wait: the training loop waited [0-9.]+ s of its", online)
+    assert not list(Path(server["hidden_dir"]).iterdir())
+
+
 def test_server_checks_catch_wrong_layers_and_model(trained_target, random_target, server, chats, tmp_path):
     result = _run(*_vllm_args(trained_target, server, chats, tmp_path / "a"), "--layers", "0,7", check=False)
     assert result.returncode == 2

@@ -75,6 +75,7 @@ def test_online_from_dataset_regenerates_into_the_output_dir_and_resumes(trained
         (["--dataset", "x.jsonl"], "--dataset is for --online"),
         (["--online"], "either --dataset"),
         (["--online", "--dataset", "x.jsonl"], "needs --model"),
+        (["--data-dir", "d", "--server-url", "http://127.0.0.1:1"], "--server-url is for --online"),
     ],
 )
 def test_online_flags_are_checked_before_any_work(argv, message, capsys):

@@ -217,8 +217,6 @@ class CollectArgs:
         if not self.dataset:
             raise ValueError("--dataset is required (JSONL/JSON file(s) or a Hugging Face dataset)")
         if self.no_states:
-            if self.backend == "vllm":
-                raise ValueError("--no-states works with --backend hf for now (regeneration in this process)")
             self.hidden_dtype = "none"  # the store's name for "ids and masks only"
         if self.backend == "vllm" and not self.server_url:
             raise ValueError(

@@ -16,6 +16,9 @@ vLLM must capture the requested aux layers AND the last layer (id L = output of 
 decoder layer before the final norm, the target distribution's input), so the server is
 started with ids sorted(set(vllm ids of --layers) | {L}) and we split them again here.
 The client reads the files the server writes: both must share a filesystem.
+
+With ``--no-states`` only step 1 runs (ids and masks are stored). ``states_for`` is step 2 alone,
+for a batch of token ids: online training from servers (eagle3.train.server_states) uses it.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ class _Captured:
 
     key: int
     rendered: Any  # template.Rendered
-    path: str
+    path: str | None  # None: --no-states, nothing was captured
 
 
 class VllmBackend:
@@ -355,10 +358,9 @@ class VllmBackend:
                 ids.append(self.renderer.end_of_turn_id)
         return server, cut_at_stop(list(ids), self.stop_ids)
 
-    async def _capture(self, key: int, ids: list[int], prefer: Server | None) -> str:
-        server, response = await self._on_a_server(
-            lambda s: self._capture_payload(s, ids, f"{key}-c"), f"capture of conversation {key}", prefer
-        )
+    async def _capture(self, key: int | str, ids: list[int], prefer: Server | None) -> str:
+        what = f"capture of conversation {key}" if isinstance(key, int) else f"capture of {key}"
+        server, response = await self._on_a_server(lambda s: self._capture_payload(s, ids, f"{key}-c"), what, prefer)
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
         if path is None:
             raise ServerError(f"vLLM server {server.url} stopped returning hidden states; {self._command_hint()}")
@@ -380,23 +382,43 @@ class VllmBackend:
         rendered = self.renderer.render(messages, last_ids)
         if rendered is None or rendered.num_assistant_tokens == 0:
             return None
+        if self.args.hidden_dtype == "none":  # --no-states: ids and masks are the whole sample
+            return _Captured(conversation.key, rendered, None)
         return _Captured(conversation.key, rendered, await self._capture(conversation.key, rendered.input_ids, server))
 
-    async def _to_sample(self, captured: _Captured) -> Sample:
-        """Read the capture's file (captured again if its server died while writing it)."""
-        ids = captured.rendered.input_ids
+    async def _read_states(self, key: int | str, ids: list[int], path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(aux [T, n_aux * H], last [T, H]) from a capture's file, captured again if its server
+        died while writing it."""
         for _ in range(3):
             try:
-                data = await asyncio.to_thread(_read_hidden_states, captured.path)
+                data = await asyncio.to_thread(_read_hidden_states, path)
             except _LostFile:
-                captured.path = await self._capture(captured.key, ids, None)
+                path = await self._capture(key, ids, None)
                 continue
             if data["token_ids"].tolist() != ids:
-                raise ServerError(f"a vLLM server returned states for other tokens than sent ({captured.path}).")
+                raise ServerError(f"a vLLM server returned states for other tokens than sent ({path}).")
             states = data["hidden_states"]
-            aux = states[:, self.aux_index].reshape(len(ids), -1)
-            return to_sample(captured.key, captured.rendered, aux, states[:, self.last_index].contiguous())
-        raise ServerError(f"the capture of conversation {captured.key} was lost 3 times ({captured.path}).")
+            return states[:, self.aux_index].reshape(len(ids), -1), states[:, self.last_index].contiguous()
+        raise ServerError(f"the capture of {key} was lost 3 times ({path}).")
+
+    async def _to_sample(self, captured: _Captured) -> Sample:
+        if captured.path is None:
+            return to_sample(captured.key, captured.rendered, None, None)
+        aux, last = await self._read_states(captured.key, captured.rendered.input_ids, captured.path)
+        return to_sample(captured.key, captured.rendered, aux, last)
+
+    def states_for(self, batch: list[list[int]], name: str = "batch") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Capture only: (aux, last) states of each token sequence, all in flight at once over the
+        pool (failover included). Each file is read and deleted as soon as it is written."""
+
+        async def one(position: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            key = f"{name}-{position}"
+            return await self._read_states(key, ids, await self._capture(key, ids, None))
+
+        async def every() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch))))
+
+        return self.loop.run_until_complete(every())
 
     # ------------------------------------------------------------------ the backend interface
     def samples(self, conversations: list[Conversation]) -> Iterator[Sample | None]:

@@ -19,9 +19,14 @@ from eagle3.train.main import train
 from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE
 
 
-def _summary(output_dir: Path, seconds: float) -> str:
+def _summary(output_dir: Path, seconds: float, metrics: dict) -> str:
     best = output_dir / BEST_MODEL_DIR
     lines = [f"training done in {seconds:.0f} s", f"best_model: {best}  (pass this to vLLM as the draft)"]
+    loop, wait = metrics.get("train_runtime"), metrics.get("train_data_wait_seconds")
+    if loop and wait is not None:
+        lines.append(
+            f"data wait: the training loop waited {wait:.1f} s of its {loop:.0f} s for batches ({100 * wait / loop:.0f}%)"
+        )
     info_path = best / EVAL_METRICS_FILE
     if info_path.exists():
         info = json.loads(info_path.read_text())
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # a bad flag or value exits 2 here, before any work
     _setup_logging(args)
     try:
-        train(args)
+        metrics = train(args)
         if _distributed():
             torch.distributed.barrier()  # every rank finished saving
     except (Eagle3ConfigError, StoreError, FileNotFoundError) as error:
@@ -72,5 +77,5 @@ def main(argv: list[str] | None = None) -> int:
         if _distributed():
             torch.distributed.destroy_process_group()
     if args.should_save:
-        print("\n" + _summary(Path(args.output_dir), time.perf_counter() - start))
+        print("\n" + _summary(Path(args.output_dir), time.perf_counter() - start, metrics))
     return 0

@@ -35,6 +35,7 @@ from eagle3.train.loss import TargetProjector
 from eagle3.train.memory_model import estimate_peak_memory
 from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
+from eagle3.train.server_states import ServerSource, ServerStatesDataset
 from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE, FINAL_MODEL_DIR, Eagle3Trainer
 from eagle3.vocab import count_tokens, coverage, select_draft_vocab
 
@@ -147,7 +148,8 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
 
 
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
-    """Run one training job; returns the final eval metrics (empty without an eval split)."""
+    """Run one training job; returns the final eval metrics (none without an eval split), the training
+    loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
     if args.online and args.dataset:
         args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
@@ -184,6 +186,11 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     train_set = StoreDataset(store, train_ids, args.max_length, states=states)
     eval_ids = sorted(eval_ids, key=store.length)  # sequential eval order then pads little
     eval_set = StoreDataset(store, eval_ids, args.max_length, states=states) if eval_ids else None
+    if args.online and args.server_url:  # the states stream from vLLM servers (checked now, before training)
+        source = server_source(args, plan)
+        source.check()
+        train_set = ServerStatesDataset(train_set, source, "train")
+        eval_set = ServerStatesDataset(eval_set, source, "eval") if eval_set is not None else None
     pad_multiple = 8 if (args.bf16 or args.fp16) else 1
     longest = padded(max(train_set.lengths), pad_multiple)
     if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < longest:
@@ -197,7 +204,11 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
     draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
     data_stats = {
-        "hidden_states": "online" if args.online else store.manifest["hidden_dtype"],
+        "hidden_states": (
+            ("online from vLLM servers" if args.server_url else "online")
+            if args.online
+            else store.manifest["hidden_dtype"]
+        ),
         "num_train_samples": len(train_set),
         "num_eval_samples": len(eval_set or []),
         "num_train_tokens": int(sum(train_set.lengths)),
@@ -228,14 +239,15 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         callbacks=callbacks,
         online_target=(
             OnlineTarget(plan.base_model, plan.target_layers, args.device, online_dtype(args.online_dtype, args.device))
-            if args.online
+            if args.online and not args.server_url
             else None
         ),
     )
     resume = args.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
         resume = get_last_checkpoint(args.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    timing = {"train_runtime": train_output.metrics.get("train_runtime", 0.0), "data_wait": trainer.data_wait_seconds}
 
     output_dir = Path(args.output_dir)
     metrics = trainer.evaluate() if eval_set is not None else {}
@@ -250,4 +262,22 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         write_model_card(best, info, repo_id=repo_id)
     if args.push_to_hub:
         trainer.push_to_hub(repo_id=repo_id)
-    return metrics
+    for dataset in (train_set, eval_set):
+        if isinstance(dataset, ServerStatesDataset):
+            dataset.close()
+    return metrics | {"train_runtime": timing["train_runtime"], "train_data_wait_seconds": timing["data_wait"]}
+
+
+def server_source(args: Eagle3TrainingArguments, plan: Plan) -> ServerSource:
+    return ServerSource(
+        model=plan.base_model,
+        server_urls=tuple(args.server_url),
+        hidden_states_dir=args.hidden_states_dir,
+        layers=tuple(plan.target_layers),
+        num_layers=plan.target_config.num_hidden_layers,
+        hidden_size=plan.target_config.hidden_size,
+        max_length=args.max_length,
+        concurrent_requests=16,
+        run_dir=str(Path(args.output_dir).resolve()),
+        rank=args.process_index,
+    )

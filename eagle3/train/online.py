@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -80,6 +81,10 @@ def prepare_online_data(args) -> str:
         hidden_dtype="none",
         quiet=not args.should_log,
     )
+    if args.server_url:  # the servers regenerate (and later compute the states)
+        collect_args = replace(
+            collect_args, backend="vllm", server_url=list(args.server_url), hidden_states_dir=args.hidden_states_dir
+        )
     summary = collect(collect_args)
     if args.should_log:
         print(summary.text(), flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ class Eagle3Trainer(Trainer):
         self.target = target.to(self.args.device)
         self.online_target = online_target  # --online: the frozen target computes the states per batch
         self.data_stats = data_stats or {}
+        self.data_wait_seconds = 0.0  # time the training loop spent waiting for its next batches
         # Per mode: TTT stats, then [real tokens, padded slots].
         size = stats_size(self.args.ttt_steps) + 2
         self._stats = {
@@ -94,6 +96,13 @@ class Eagle3Trainer(Trainer):
     def _get_eval_sampler(self, eval_dataset):
         # The eval split is stored sorted by length already: sequential order pads least.
         return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else super()._get_eval_sampler(eval_dataset)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        started = time.perf_counter()
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            self.data_wait_seconds += time.perf_counter() - started
 
     # ------------------------------------------------------------------ states
     def _prepare_inputs(self, inputs):
