@@ -231,6 +231,15 @@ def test_online_training_from_the_server_gets_the_samples_collection_stores(trai
     assert re.search(r"data wait: the training loop waited [0-9.]+ s of its", online)
     assert not list(Path(server["hidden_dir"]).iterdir())
 
+    # Straight from chat data: the server also regenerates (ids + masks under OUTPUT_DIR/online_data).
+    train(
+        "from-chats", "--online", "--dataset", chats, "--model", trained_target, "--server-url", server["url"],
+        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS,
+    )  # fmt: skip
+    regenerated = HiddenStateStore(tmp_path / "from-chats" / "online_data")
+    assert regenerated.manifest["hidden_dtype"] == "none" and regenerated.manifest["settings"]["backend"] == "vllm"
+    assert len(regenerated) == 4 and (tmp_path / "from-chats" / "best_model" / "model.safetensors").exists()
+
 
 def test_server_checks_catch_wrong_layers_and_model(trained_target, random_target, server, chats, tmp_path):
     result = _run(*_vllm_args(trained_target, server, chats, tmp_path / "a"), "--layers", "0,7", check=False)
