@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -339,3 +340,29 @@ def test_relative_target_paths_are_stored_absolute(data_dir, trained_target, tmp
         assert plan.base_model == absolute
     draft = new_draft("./target", tmp_path / "draft")
     assert json.loads((draft / "config.json").read_text())["target_model_name_or_path"] == absolute
+
+
+def test_filter_rank_that_drops_collected_ranks_warns(data_dir, trained_target, tmp_path, caplog):
+    """After `torchrun ... run_collect.py` every rank wrote its share: --filter-rank 0 would train
+    on 1/world_size of the data, so it says so (and training without it uses everything)."""
+    from eagle3.data.store import HiddenStateStore, StoreWriter
+
+    source = HiddenStateStore(data_dir)
+    header = {key: source.manifest[key] for key in ("layers", "vllm_layer_ids", "hidden_size", "hidden_dtype")}
+    header["target"] = source.manifest["target"]
+    two_ranks = tmp_path / "two-ranks"
+    for rank in (0, 1):
+        writer = StoreWriter(two_ranks, header, rank=rank)
+        for i in range(rank, 16, 2):
+            writer.add(source[i])
+        writer.close()
+    common = ["--data-dir", str(two_ranks), "--base-model", str(trained_target), "--max_steps", "1"]
+    common += ["--eval-ratio", "0", "--save_strategy", "no", *FAST]
+    with caplog.at_level(logging.WARNING, logger="eagle3"):
+        train(parse_args([*common, "--output-dir", str(tmp_path / "filtered"), "--filter-rank", "0"]))
+    warnings = [r.getMessage() for r in caplog.records if "--filter-rank" in r.getMessage()]
+    assert len(warnings) == 1 and "ranks [0, 1] present (8 samples kept)" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="eagle3"):
+        train(parse_args([*common, "--output-dir", str(tmp_path / "all")]))
+    assert not [r for r in caplog.records if "--filter-rank" in r.getMessage()]
