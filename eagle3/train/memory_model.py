@@ -18,8 +18,9 @@ Activation bytes per token are counted from what autograd keeps in ``eagle3.trai
 * once per token: the fp32 copy of the aux states for ``fc``, its output, the token embeddings,
   and the target's softmax over the draft vocabulary (fp32).
 
-Plus one transient: the backward of one step's head holds its logits' gradient and softmax
-(2 x draft vocab fp32 per token). Under ``--bf16``/``--fp16`` the layer activations are 2-byte
+Plus one transient: the backward of one step's head holds the gradients of the loss product, of
+the log-softmax and of the logits, and the softmax it recomputes (4 x draft vocab fp32 per token;
+calibrated with ``bench/bench_train.py --memory-model``, where 2 x left the estimate 13 % low). Under ``--bf16``/``--fp16`` the layer activations are 2-byte
 (autocast) while the head's log-softmax and the target's probabilities stay fp32.
 """
 
@@ -127,7 +128,7 @@ def activation_bytes_per_token(
     head = 0 if head_checkpointing else vd * fp32  # log-softmax output
     per_step = layer + head + h * act  # + the normed hidden fed to lm_head
     once = num_aux * (target_hidden_size or h) * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
-    transient = 2 * vd * fp32  # one step's head backward: grad of logits + softmax
+    transient = 4 * vd * fp32  # one step's head backward: grads of product, log-softmax, logits + softmax
     return ttt_steps * per_step + once + transient
 
 
