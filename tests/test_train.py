@@ -366,3 +366,31 @@ def test_filter_rank_that_drops_collected_ranks_warns(data_dir, trained_target, 
     with caplog.at_level(logging.WARNING, logger="eagle3"):
         train(parse_args([*common, "--output-dir", str(tmp_path / "all")]))
     assert not [r for r in caplog.records if "--filter-rank" in r.getMessage()]
+
+
+def test_exports_take_the_targets_dtype_checkpoints_stay_fp32(data_dir, trained_target, tmp_path):
+    """A bf16 target (as Qwen3 ships, as vLLM serves it): best_model/ is bf16 (vLLM loads it without a
+    cast per tensor), its config says so and it passes eagle3 check; checkpoints keep fp32 masters."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eagle3.export.check import check_draft
+
+    bf16_target = tmp_path / "target-bf16"
+    AutoModelForCausalLM.from_pretrained(trained_target, dtype=torch.bfloat16).save_pretrained(bf16_target)
+    AutoTokenizer.from_pretrained(trained_target).save_pretrained(bf16_target)
+    output_dir = tmp_path / "out"
+    argv = ["--data-dir", str(data_dir), "--base-model", str(bf16_target), "--output-dir", str(output_dir)]
+    argv += ["--max_steps", "1", "--eval-ratio", "0", "--save_strategy", "steps", "--save_steps", "1", *FAST]
+    train(parse_args(argv))
+
+    def float_dtypes(folder: Path) -> set[torch.dtype]:
+        with safe_open(folder / "model.safetensors", framework="pt") as handle:
+            tensors = [handle.get_tensor(name) for name in handle.keys()]
+        return {t.dtype for t in tensors if t.is_floating_point()}
+
+    best = output_dir / "best_model"
+    assert float_dtypes(best) == {torch.bfloat16}
+    assert json.loads((best / "config.json").read_text())["dtype"] == "bfloat16"
+    assert check_draft(best, bf16_target) == []
+    assert float_dtypes(output_dir / "checkpoint-1") == {torch.float32}

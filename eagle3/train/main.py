@@ -106,7 +106,7 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         draft_variant=args.draft_variant,
         **{name: getattr(args, name) for name in NORM_FIELDS},
     )
-    config.dtype = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
+    config.dtype = str(export_dtype(plan.target_config)).removeprefix("torch.")
     set_seed(args.seed)
     draft = Eagle3DraftForTraining(config).float()  # fp32 master weights; bf16/fp16 via the Trainer
     draft.set_draft_vocab(draft_ids)
@@ -117,6 +117,13 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
     draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
     draft.loss_type = args.loss
     return draft
+
+
+def export_dtype(target_config) -> torch.dtype:
+    """The dtype the saved draft's weights take: the target's checkpoint dtype, which vLLM serves
+    the draft in (float32 when the target's config names none)."""
+    dtype = getattr(target_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
 
 
 def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_size: int, tokens: int):
@@ -237,6 +244,7 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         target=target,
         data_stats=data_stats,
         callbacks=callbacks,
+        export_dtype=export_dtype(plan.target_config),
         online_target=(
             OnlineTarget(plan.base_model, plan.target_layers, args.device, online_dtype(args.online_dtype, args.device))
             if args.online and not args.server_url

@@ -50,9 +50,11 @@ class Eagle3Trainer(Trainer):
         target: TargetProjector,
         data_stats: dict | None = None,
         online_target: OnlineTarget | None = None,
+        export_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.export_dtype = export_dtype  # best_model/ and final_model/ weights (None: as trained)
         self.target = target.to(self.args.device)
         self.online_target = online_target  # --online: the frozen target computes the states per batch
         self.data_stats = data_stats or {}
@@ -186,9 +188,24 @@ class Eagle3Trainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         draft = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        checkpoint = Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR)
+        if not checkpoint and self.export_dtype is not None:
+            # Exports (best_model/, final_model/) hold the weights in the dtype vLLM serves the
+            # target in (its checkpoint dtype): no cast and no warning per tensor at load, half
+            # the file for bf16 targets. Checkpoints keep the fp32 master weights (exact resume).
+            state_dict = state_dict if state_dict is not None else draft.state_dict()
+            state_dict = {
+                name: tensor.to(self.export_dtype) if tensor.is_floating_point() else tensor
+                for name, tensor in state_dict.items()
+            }
         draft.save_pretrained(output_dir, state_dict=state_dict)
-        if Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR):
+        if checkpoint:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        elif self.export_dtype is not None:  # save_pretrained wrote the fp32 parameters' dtype
+            config_path = Path(output_dir) / "config.json"
+            config = json.loads(config_path.read_text())
+            config["dtype"] = str(self.export_dtype).removeprefix("torch.")
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def save_draft(self, output_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:
         """Save the draft in vLLM's format (collective under ZeRO-3) plus its eval metrics."""
