@@ -55,7 +55,7 @@ def vllm_bench():
     import subprocess
     import sys
 
-    def run(target, drafts, workdir, prompts=None, baseline=False, k=3, max_tokens=32) -> dict:
+    def run(target, drafts, workdir, prompts=None, baseline=False, k=3, max_tokens=32, temperature=0.0) -> dict:
         if prompts is None:
             from transformers import AutoTokenizer
 
@@ -71,7 +71,8 @@ def vllm_bench():
         command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(target)]
         command += ["--baseline"] if baseline else []
         command += [arg for draft in drafts for arg in ("--draft", str(draft))]
-        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens), "--temperature", "0"]
+        command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens)]
+        command += ["--temperature", str(temperature)]
         command += ["--prompts", str(workdir / "prompts.json"), "--json", str(workdir / "vllm.json")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]

@@ -87,11 +87,20 @@ def run_vllm(
         enforce_eager = current_platform.is_cpu()
 
     speculative_config = None
+    extra: dict = {}
     if draft is not None:
         speculative_config = {"model": draft, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
+        if current_platform.is_cpu():
+            # vLLM's CPU rejection sampler divides the target logits by uninitialised memory
+            # instead of the temperature (see vllm_cpu_fix); the extension class patches it in
+            # the worker processes, where sampling runs.
+            from eagle3.evaluate import vllm_cpu_fix
+
+            extra["worker_extension_cls"] = f"{vllm_cpu_fix.__name__}.{vllm_cpu_fix.CpuRejectionSamplerFix.__name__}"
     llm = LLM(
         model=model,
         speculative_config=speculative_config,
+        **extra,
         max_model_len=max_model_len,
         disable_log_stats=False,
         seed=seed,
