@@ -26,10 +26,15 @@ OUT = Path(os.environ.get("DEMO_OUTPUT", "demo_output"))
 K = 3
 
 
+# vLLM's engine start-up is ~150 INFO and ~20 environment WARNING lines per engine: errors only here, unless
+# the user asked for a level.
+QUIET_VLLM = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+
+
 def run(step: str, command: list[str]) -> None:
     print(f"\n=== {step}\n$ {' '.join(command)}", flush=True)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=QUIET_VLLM)
     print(f"=== {step}: done in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -41,7 +46,8 @@ def main() -> int:
     print("=== 1/5 tiny Qwen3 target (built and briefly trained once, then cached)", flush=True)
     target = OUT / "tiny-qwen3"
     if not (target / "model.safetensors").exists():
-        shutil.copytree(tiny_target(trained=True), target, dirs_exist_ok=True)
+        # Saved in bf16, as Qwen3 checkpoints are and as vLLM serves it (trained in fp32 first).
+        shutil.copytree(tiny_target(trained=True, dtype="bfloat16"), target, dirs_exist_ok=True)
     chats = write_jsonl(OUT / "chats.jsonl", synthetic_conversations(400, seed=11, turns=2))
     heldout = write_jsonl(OUT / "heldout_prompts.jsonl", synthetic_conversations(16, seed=12345))
 

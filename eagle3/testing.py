@@ -141,8 +141,10 @@ def build_tiny_target(
     num_layers: int = 8,
     hidden_size: int = 128,
     train_steps: int = 400,
+    dtype: str = "float32",
 ) -> Path:
-    """Write a tiny Qwen3 checkpoint (config, safetensors, tokenizer) into ``output_dir``."""
+    """Write a tiny Qwen3 checkpoint (config, safetensors, tokenizer) into ``output_dir``, trained
+    in fp32 and saved in ``dtype`` (bfloat16: the dtype vLLM serves it in, as real Qwen3 ships)."""
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     output_dir = Path(output_dir)
@@ -176,6 +178,9 @@ def build_tiny_target(
         pad_token_id=config.pad_token_id,
         do_sample=False,
     )
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+        model.config.dtype = dtype
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir

@@ -61,6 +61,15 @@ class EvalArgs:
         default=None,
         metadata={"help": "hf backend: torch device for target and draft (default: cuda when available, else cpu)."},
     )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "hf backend: dtype of target and draft. auto: the checkpoint's on a GPU, fp32 on a CPU (bf16 "
+            "there is slow, and its rounding makes batched verification and one-token generation disagree on "
+            "near-ties, so a T=0 run would not be identical to target-only).",
+            "choices": ["auto", "bf16", "fp16", "fp32"],
+        },
+    )
     tensor_parallel_size: int = field(
         default=1,
         metadata={"help": "vllm backend: GPUs per engine (each engine runs in its own process).", "aliases": ["-tp"]},

@@ -88,7 +88,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Straight onto the device: no full copy of the target in host memory first.
-    target = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto", device_map=device)
+    named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = named.get(args.dtype, "auto" if device.type == "cuda" else torch.float32)
+    target = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device)
     draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
     decoder = SpeculativeDecoder(
