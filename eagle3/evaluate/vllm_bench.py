@@ -108,7 +108,11 @@ def run_vllm(
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
     )
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    # One seed per prompt: with a shared seed every request draws the same random numbers, so
+    # similar prompts make the same keep/reject decisions and the sample is effectively smaller.
+    params = [
+        SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(prompts))
+    ]
     if prompts and not isinstance(prompts[0], str):
         inputs = [{"prompt_token_ids": ids} for ids in prompts]
     else:
