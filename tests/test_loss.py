@@ -115,9 +115,11 @@ def test_head_checkpointing_gives_the_same_loss_and_gradients():
 
 def test_acceptance_estimators():
     steps = 3
-    # per step: loss_sum, hits, valid, runs alive, positions eligible; then assistant positions
-    stats = torch.tensor([0.0, 8, 10, 8, 10, 0, 5, 10, 4, 8, 0, 5, 10, 1, 4, 10])
+    # per step: loss_sum, hits, valid, runs alive, positions eligible; then the decoding walk's
+    # (accepted, rounds) at k3 and at all steps; then assistant positions
+    stats = torch.tensor([0.0, 8, 10, 8, 10, 0, 5, 10, 4, 8, 0, 5, 10, 1, 4, 6, 4, 6, 4, 10])
     metrics = metrics_from_stats(stats, steps)
+    assert metrics["accept_len_rounds"] == metrics["accept_len_rounds_k3"] == 1 + 6 / 4
     assert abs(metrics["acc_0"] - 0.8) < 1e-9 and abs(metrics["cum_acc_2"] - 0.8 * 0.5 * 0.5) < 1e-9
     assert abs(metrics["accept_len_product"] - (1 + 0.8 + 0.4 + 0.2)) < 1e-9
     assert abs(metrics["accept_len"] - (1 + (8 + 4 + 1) / 10)) < 1e-9
@@ -199,7 +201,19 @@ def test_run_estimator_skips_steps_fed_a_non_greedy_data_token():
     off_policy = projector(batch["last"], batch["mask"], off)
     assert not off_policy.greedy.any()
     _, stats = ttt_loss(draft, off, batch["aux"], off_policy, 3, 0.8)
-    per_step = stats[:-1].view(3, 5)
+    per_step = stats[:15].view(3, 5)
     assert per_step[1:, 4].sum() == 0  # steps >= 1 never eligible
     metrics = metrics_from_stats(stats, 3)
     assert abs(metrics["accept_len"] - (1 + float(per_step[0, 3] / per_step[0, 4]))) < 1e-9
+
+
+def test_decoding_rounds_walk_answers_as_speculation_does():
+    """Round starts: one position into each answer (the prefill writes its first token), then
+    t + min(run, k) + 1; two answers in one row are walked separately."""
+    from eagle3.train.loss import decoding_rounds
+
+    answer = torch.tensor([[False, True, True, True, True, True, True, False, True, True, True]])
+    runs = torch.tensor([[9, 9, 2, 0, 1, 3, 0, 9, 9, 1, 0]])
+    # k=3: answer 1 (positions 1..6) rounds at 2 (keeps 2) and 5 (keeps 3); answer 2 (8..10) at 9 (keeps 1)
+    # k=1: rounds at 2, 4, 6 (keeps 1, 1, 0) and 9 (keeps 1)
+    assert decoding_rounds(answer, runs, (3, 1)).tolist() == [6, 3, 3, 4]

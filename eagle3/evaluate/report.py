@@ -22,7 +22,7 @@ class AcceptanceReport:
     seconds_speculative: float
     seconds_baseline: float | None = None
     lossless: bool | None = None  # temperature 0: output identical to target-only decoding
-    # training's teacher-forced estimate (accept_len, k steps) on the same prompts and answers (hf)
+    # training's teacher-forced estimate (accept_len_rounds, k steps) on the same prompts and answers (hf)
     teacher_forced_acceptance_length: float | None = None
     notes: list[str] = field(default_factory=list)
     device: str | None = None  # where the models ran (hf: the torch device; vllm: the platform)

@@ -135,7 +135,7 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         from eagle3.train.loss import metrics_from_stats
 
         metrics = metrics_from_stats(teacher_forced, args.num_speculative_tokens)
-        report.teacher_forced_acceptance_length = metrics["accept_len"]
+        report.teacher_forced_acceptance_length = metrics["accept_len_rounds"]
     return report
 
 

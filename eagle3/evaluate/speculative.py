@@ -221,8 +221,9 @@ class SpeculativeDecoder:
         """Training's acceptance estimate on this answer: one target forward over prompt + answer,
         then the TTT unroll (k steps) exactly as training evaluates it (``eagle3.train.loss``).
 
-        The first answer token is left out, as speculation never drafts it. Returns the stats
-        vector; sum it over prompts and read it with ``metrics_from_stats(stats, k)``.
+        The answer is masked as training masks answers (from its first token, which the decoding
+        walk then leaves to the target's prefill, as speculation does). Returns the stats vector;
+        sum it over prompts and read ``accept_len_rounds`` of ``metrics_from_stats(stats, k)``.
         """
         from eagle3.target import TargetHead
         from eagle3.train.loss import TargetProjector, ttt_loss
@@ -245,7 +246,7 @@ class SpeculativeDecoder:
         finally:
             hook.remove()
         loss_mask = torch.zeros_like(ids, dtype=torch.bool)
-        loss_mask[:, len(prompt_ids) + 1 :] = True
+        loss_mask[:, len(prompt_ids) :] = True
         target = self._projector(captured["last"], loss_mask, ids)
         _, stats = ttt_loss(self.draft, ids, self.recorder.concatenated(), target, self.k, 1.0)
         return stats

@@ -100,12 +100,46 @@ class TargetProjector:
 
 
 STATS_PER_STEP = 5
+ROUND_STATS = 4  # (accepted, rounds) of the decoding walk at k = min(3, steps) and k = steps
 
 
 def stats_size(steps: int) -> int:
     """Length of the stats vector: per step (loss_sum, hits, valid, run_i, eligible_i), then
-    the assistant positions (see ``ttt_loss``)."""
-    return STATS_PER_STEP * steps + 1
+    the decoding walk's (accepted, rounds) at k3 and at all steps, then the assistant positions
+    (see ``ttt_loss``)."""
+    return STATS_PER_STEP * steps + ROUND_STATS + 1
+
+
+def decoding_rounds(answer: torch.Tensor, run_length: torch.Tensor, ks: tuple[int, ...]) -> torch.Tensor:
+    """(accepted, rounds) per k of the rounds greedy speculative decoding would run over each answer.
+
+    ``answer[b, t]``: step 0 at t predicts an answer token; ``run_length[b, t]``: how many leading
+    draft steps from t hit. In decoding the target's prefill writes an answer's first token, so the
+    first round starts one position into each answer span; a round at t keeps r = min(run, k)
+    tokens plus the target's own, and the next round starts at t + r + 1. This weighs positions as
+    decoding visits them (round starts), unlike the per-position average of ``accept_len``: with
+    answers the target wrote greedily it is what speculation at T=0 would count.
+    """
+    out = torch.zeros(2 * len(ks), dtype=torch.float64)
+    for flags, runs in zip(answer.tolist(), run_length.tolist(), strict=True):
+        t, length = 0, len(flags)
+        while t < length:
+            if not flags[t]:
+                t += 1
+                continue
+            start = t + 1  # t predicts the answer's first token: the prefill's, never drafted
+            end = start
+            while end < length and flags[end]:
+                end += 1
+            for j, k in enumerate(ks):
+                position = start
+                while position < end:
+                    accepted = min(runs[position], k)
+                    out[2 * j] += accepted
+                    out[2 * j + 1] += 1
+                    position += accepted + 1
+            t = end
+    return out
 
 
 LOSSES = ("soft_ce", "forward_kl", "lk_lambda")
@@ -186,6 +220,7 @@ def ttt_loss(
     loss = hidden.new_zeros((), dtype=torch.float32)
     stats = torch.zeros(stats_size(steps), device=input_ids.device)
     run = torch.ones(batch, max(length - 1, 0), dtype=torch.bool, device=input_ids.device)
+    run_length = torch.zeros(batch, max(length - 1, 0), dtype=torch.long, device=input_ids.device)
     for i in range(steps):
         normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
         n = length - 1 - i  # positions t whose target s = t + 1 + i exists
@@ -211,6 +246,7 @@ def ttt_loss(
             eligible = run[:, :n] & (target.greedy[:, i : i + n] if target.greedy is not None else True)
         run[:, :n] = eligible & hits
         run[:, n:] = False
+        run_length += run
         stats[STATS_PER_STEP * i : STATS_PER_STEP * (i + 1)] = torch.stack(
             [
                 ce_sum.detach(),
@@ -220,6 +256,10 @@ def ttt_loss(
                 eligible.sum().float(),
             ]
         )
+    if not torch.is_grad_enabled():  # evaluation: the decoding walk (a Python loop, cheap next to eval)
+        ks = (min(3, steps), steps)
+        rounds = decoding_rounds(target.assistant[:, 1:], run_length, ks)
+        stats[STATS_PER_STEP * steps : STATS_PER_STEP * steps + ROUND_STATS] = rounds.to(stats)
     stats[-1] = target.assistant[:, 1:].sum()  # positions whose step-0 prediction is an assistant token
     return loss, stats
 
@@ -234,6 +274,10 @@ def metrics_from_stats(stats: torch.Tensor, steps: int) -> dict[str, float]:
       target generated greedily this is exactly 1 + the mean number of leading draft steps that
       hit (the "consecutive run"; tracks vLLM, default ``metric_for_best_model``); with other
       data it does not drift, because off-policy steps are left out rather than counted.
+    * ``accept_len_rounds`` (evaluation only) = 1 + accepted / rounds of the decoding walk
+      (``decoding_rounds``): the same hits, weighed by the round starts decoding visits rather
+      than by every position; on answers the target wrote greedily it is what speculation at
+      T=0 counts, and it is the estimate to compare with vLLM.
     ``*_k3`` are the same for 3 speculative tokens, a common serving setting.
     """
     values = stats.double().tolist()
@@ -254,4 +298,8 @@ def metrics_from_stats(stats: torch.Tensor, steps: int) -> dict[str, float]:
             metrics["accept_len_k3"] = 1.0 + run_sum
     metrics["accept_len_product"] = 1.0 + product_sum
     metrics["accept_len"] = 1.0 + run_sum
+    accepted_k3, rounds_k3, accepted, rounds = values[STATS_PER_STEP * steps : STATS_PER_STEP * steps + ROUND_STATS]
+    if rounds:  # evaluation only
+        metrics["accept_len_rounds_k3"] = 1.0 + accepted_k3 / rounds_k3
+        metrics["accept_len_rounds"] = 1.0 + accepted / rounds
     return metrics
