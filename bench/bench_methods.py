@@ -31,12 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> run_train.py flags on top of the shared budget
 METHODS: dict[str, list[str]] = {
-    "baseline": [],  # the recipe: EAGLE-3, soft cross-entropy
+    # the recipe: EAGLE-3, soft cross-entropy (named explicitly: run_train.py's defaults are eagle3.1 + lk_lambda)
+    "baseline": ["--draft-variant", "eagle3", "--loss", "soft_ce"],
     # forward_kl has soft_ce's gradient (they differ by the target's entropy, a constant): it
     # trains the same draft up to float noise, so it is not in the default --methods.
-    "forward_kl": ["--loss", "forward_kl"],
-    "lk_lambda": ["--loss", "lk_lambda"],
-    "eagle3.1": ["--draft-variant", "eagle3.1"],
+    "forward_kl": ["--draft-variant", "eagle3", "--loss", "forward_kl"],
+    "lk_lambda": ["--draft-variant", "eagle3", "--loss", "lk_lambda"],
+    "eagle3.1": ["--draft-variant", "eagle3.1", "--loss", "soft_ce"],
     "eagle3.1+lk_lambda": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda"],
 }
 

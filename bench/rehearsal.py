@@ -32,13 +32,11 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -117,12 +115,6 @@ class Rehearsal:
         return "\n".join(lines)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _write_data(work_dir: Path, long_tokens: int) -> tuple[Path, Path]:
     """Chats for collection (short ones plus one near --max-length) and held-out prompts for eval."""
     from eagle3.testing import _WORDS, synthetic_conversations, write_jsonl
@@ -133,28 +125,6 @@ def _write_data(work_dir: Path, long_tokens: int) -> tuple[Path, Path]:
     chats.append({"messages": [{"role": "user", "content": "Repeat after me: " + long_text}]})
     prompts = synthetic_conversations(2, seed=99)
     return write_jsonl(work_dir / "chats.jsonl", chats), write_jsonl(work_dir / "prompts.jsonl", prompts)
-
-
-def _start_server(rehearsal: Rehearsal, command: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = command[command.index("--port") + 1]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=rehearsal.env
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 900
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"vLLM server exited ({process.returncode}); log: {log_path}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return process, url
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit(f"vLLM server not healthy after 900 s; log: {log_path}")
-        time.sleep(2)
 
 
 def main() -> int:
@@ -172,7 +142,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the stage table as JSON here")
     args = parser.parse_args()
 
-    from eagle3.testing import qwen3_target, stop_process_group
+    from eagle3.testing import free_port, qwen3_target, vllm_server
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="eagle3-rehearsal-"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -186,13 +156,12 @@ def main() -> int:
     chats, prompts = _write_data(work_dir, args.long_tokens)
     collect = [python, REPO / "run_collect.py", "--model", target, "--dataset", chats]
     collect += ["--max-new-tokens", args.max_new_tokens, "--max-length", 2048]
-    server = None
     try:
         rehearsal.run(
             "collect (hf)", [*collect, "--output-dir", work_dir / "data_hf", "--batch-size", 4, "--dtype", args.dtype]
         )
         if not args.skip_vllm:
-            port = str(_free_port())
+            port = str(free_port())
             import torch
 
             # On the CPU vLLM would torch.compile the model first (many minutes on 2 cores).
@@ -204,17 +173,15 @@ def main() -> int:
                 + ["--hidden-states-dir", hidden_dir, f"--server-args=--max-model-len 4096{eager}"],
             )
             command = shlex.split(printed.strip().splitlines()[-1])
-            server, url = _start_server(rehearsal, command, work_dir / "vllm-server.log")
-            server_peak = TreePeak(server.pid)
-            rehearsal.run(
-                "collect (vLLM server)",
-                [*collect, "--output-dir", work_dir / "data_vllm", "--backend", "vllm", "--server-url", url]
-                + ["--hidden-states-dir", hidden_dir],
-                extra_peak=server_peak,
-            )
-            server_peak.stop()
-            stop_process_group(server, timeout=60)
-            server = None
+            with vllm_server(command, work_dir / "vllm-server.log", timeout=900, env=rehearsal.env) as server:
+                server_peak = TreePeak(server["process"].pid)
+                rehearsal.run(
+                    "collect (vLLM server)",
+                    [*collect, "--output-dir", work_dir / "data_vllm", "--backend", "vllm"]
+                    + ["--server-url", server["url"], "--hidden-states-dir", hidden_dir],
+                    extra_peak=server_peak,
+                )
+                server_peak.stop()
         output_dir = work_dir / "draft"
         rehearsal.run(
             "train",
@@ -235,8 +202,6 @@ def main() -> int:
             data = json.loads(report.read_text())
             print(f"lossless: {data['lossless']}, acceptance length {data['acceptance_length']:.2f} (random draft)")
     finally:
-        if server is not None:
-            stop_process_group(server, timeout=60)
         total = time.perf_counter() - start
         print(f"\n## rehearsal: {args.shape} ({args.layout}, {args.dtype}), {total / 60:.1f} min in all\n")
         print(rehearsal.table())

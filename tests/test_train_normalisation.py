@@ -34,7 +34,8 @@ def _one_step(data_dir, target, output_dir, batch_size, accumulation, extra=()):
 
 
 def test_accumulated_step_equals_one_batch(trained_target, tmp_path):
-    extra = []  # (lk_lambda differs by design: its KL weight is each micro-batch's mean acceptance)
+    # soft_ce: the default lk_lambda differs by design (its KL weight is each micro-batch's mean acceptance)
+    extra = ["--loss", "soft_ce"]
     data_dir = cached_store(trained_target)
     whole = _one_step(data_dir, trained_target, tmp_path / "whole", 2, 1, extra)
     accumulated = _one_step(data_dir, trained_target, tmp_path / "accumulated", 1, 2, extra)

@@ -140,10 +140,11 @@ class Eagle3TrainingArguments(TrainingArguments):
         },
     )
     draft_variant: str = field(
-        default="eagle3",
+        default="eagle3.1",
         metadata={
-            "help": "eagle3 (the recipe) or eagle3.1 (fc_norm + norm_output: one RMSNorm per aux layer before fc, "
-            "post-norm hidden state fed to the next draft step; vLLM >= 0.2x reads both from config.json).",
+            "help": "eagle3.1 (default: fc_norm + norm_output, one RMSNorm per aux layer before fc, post-norm hidden "
+            "state fed to the next draft step; vLLM >= 0.2x reads both from config.json) or eagle3 (the recipe). "
+            "bench/bench_methods.py: eagle3.1 + lk_lambda reach 1.20x the recipe's vLLM acceptance at k=3.",
             "choices": ["eagle3", "eagle3.1"],
         },
     )
@@ -166,11 +167,11 @@ class Eagle3TrainingArguments(TrainingArguments):
     ttt_steps: int = field(default=7, metadata={"help": "Training-time-test unroll length (draft steps per position)."})
     ttt_decay: float = field(default=0.8, metadata={"help": "Loss weight of TTT step i is ttt_decay**i."})
     loss: str = field(
-        default="soft_ce",
+        default="lk_lambda",
         metadata={
-            "help": "Per-step loss against the target distribution p: soft_ce (the recipe, -sum p log q), "
-            "forward_kl (KL(p||q): soft_ce minus the target's entropy, same gradient), or lk_lambda (acceptance-aware, "
-            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-mean acceptance))",
+            "help": "Per-step loss against the target distribution p: lk_lambda (default; acceptance-aware, "
+            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-mean acceptance)), soft_ce (the recipe, "
+            "-sum p log q) or forward_kl (KL(p||q): soft_ce minus the target's entropy, same gradient)",
             "choices": ["soft_ce", "forward_kl", "lk_lambda"],
         },
     )
