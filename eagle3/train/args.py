@@ -139,12 +139,13 @@ class Eagle3TrainingArguments(TrainingArguments):
             "choices": ["qwen3", "llama"],
         },
     )
-    draft_variant: str = field(
-        default="eagle3.1",
+    draft_variant: str | None = field(
+        default=None,
         metadata={
-            "help": "eagle3.1 (default: fc_norm + norm_output, one RMSNorm per aux layer before fc, post-norm hidden "
-            "state fed to the next draft step; vLLM >= 0.2x reads both from config.json) or eagle3 (the recipe). "
-            "bench/bench_methods.py: eagle3.1 + lk_lambda reach 1.20x the recipe's vLLM acceptance at k=3.",
+            "help": "eagle3.1 (default for --draft-arch qwen3: fc_norm + norm_output, one RMSNorm per aux layer before "
+            "fc, post-norm hidden state fed to the next draft step; vLLM reads both from config.json) or eagle3 (the "
+            "recipe; default for --draft-arch llama, whose servers, SGLang and older vLLM, may not read the norm "
+            "fields). bench/bench_methods.py: eagle3.1 + lk_lambda reach 1.20x the recipe's vLLM acceptance at k=3.",
             "choices": ["eagle3", "eagle3.1"],
         },
     )
@@ -235,6 +236,8 @@ class Eagle3TrainingArguments(TrainingArguments):
                 "attention already recomputes in backward). Drop it; to save memory use --head-checkpointing "
                 "(recomputes the lm_head + loss) or a smaller --per_device_train_batch_size/--max-length."
             )
+        if self.draft_variant is None:
+            self.draft_variant = "eagle3" if self.draft_arch == "llama" else "eagle3.1"
         if self.ttt_steps < 1:
             raise ValueError(f"--ttt-steps must be >= 1 (7 is EAGLE-3's), got {self.ttt_steps}")
         if self.dataset and not self.online:
