@@ -38,7 +38,7 @@ from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.trainer import Eagle3Trainer
 
 
-def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, intermediate, seed=0):
+def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, intermediate, seed=0, variant="eagle3"):
     torch.manual_seed(seed)
     target_config = Qwen3Config(
         hidden_size=hidden,
@@ -51,7 +51,7 @@ def make_parts(hidden, vocab, draft_vocab, steps, heads, kv_heads, head_dim, int
         max_position_embeddings=40960,
     )
     config = Eagle3Qwen3Config.from_target_config(
-        target_config, target_layers=[1, 13, 24], draft_vocab_size=draft_vocab
+        target_config, target_layers=[1, 13, 24], draft_vocab_size=draft_vocab, draft_variant=variant
     )
     draft = Eagle3DraftForTraining(config).float()
     draft.ttt_steps, draft.ttt_decay = steps, 0.8
@@ -252,6 +252,7 @@ def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 3
         draft_vocab_size=draft_vocab,
         tokens_per_batch=length,
         ttt_steps=steps,
+        loss="lk_lambda",  # run_train.py's default, as model_step trains
         target_dtype_bytes=2,
     )
 
@@ -267,7 +268,7 @@ def model_step(shape: str, length: int) -> dict:
     mask = torch.ones(1, length, dtype=torch.bool)
     gc.collect()
     base = psutil.Process().memory_info().rss
-    draft, head, ids = make_parts(draft_vocab=32000, steps=7, **dims)
+    draft, head, ids = make_parts(draft_vocab=32000, steps=7, variant="eagle3.1", **dims)  # run_train.py's default
     # As run_train.py holds them: the target's head in its checkpoint dtype (bf16), the draft's
     # copy of the embedding in fp32; the TargetHead itself is dropped after building.
     head.lm_head, head.embed_tokens = head.lm_head.bfloat16(), None
@@ -277,7 +278,7 @@ def model_step(shape: str, length: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
     with PeakRSS() as peak:  # the peak of training (building has its own, smaller, transient)
         for _ in range(2):
-            loss, _ = ttt_loss(draft, input_ids, aux, projector(last, mask), 7, 0.8)
+            loss, _ = ttt_loss(draft, input_ids, aux, projector(last, mask), 7, 0.8, loss_type="lk_lambda")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -64,9 +64,10 @@ class EvalArgs:
     dtype: str = field(
         default="auto",
         metadata={
-            "help": "hf backend: dtype of target and draft. auto: the checkpoint's on a GPU, fp32 on a CPU (bf16 "
+            "help": "dtype of target and draft. hf backend, auto: the checkpoint's on a GPU, fp32 on a CPU (bf16 "
             "there is slow, and its rounding makes batched verification and one-token generation disagree on "
-            "near-ties, so a T=0 run would not be identical to target-only).",
+            "near-ties, so a T=0 run would not be identical to target-only). vllm backend, auto: vLLM's choice "
+            "(the checkpoint's; bf16 for fp32 checkpoints on CPU).",
             "choices": ["auto", "bf16", "fp16", "fp32"],
         },
     )

@@ -152,6 +152,7 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, "auto"),
     )
     speculative = run_vllm_in_subprocess(
         args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common

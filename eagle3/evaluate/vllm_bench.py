@@ -73,6 +73,7 @@ def run_vllm(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     enforce_eager: bool | None = None,
+    dtype: str = "auto",
 ) -> VllmRun:
     """Generate for ``prompts`` (text or token ids) with vLLM, optionally speculating with ``draft``.
 
@@ -107,6 +108,7 @@ def run_vllm(
         enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
+        dtype=dtype,
     )
     # One seed per prompt: with a shared seed every request draws the same random numbers, so
     # similar prompts make the same keep/reject decisions and the sample is effectively smaller.
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--dtype", default="auto", help="vLLM's dtype (auto: the checkpoint's, bf16 for fp32 on CPU)")
     parser.add_argument("--single", action="store_true", help="one engine; write its run as the JSON (no nesting)")
     parser.add_argument("--json", required=True, help="where to write the results")
     args = parser.parse_args(argv)
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        dtype=args.dtype,
     )
     if args.single:
         draft = args.draft[0] if args.draft else None

@@ -145,6 +145,7 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
         num_draft_layers=args.num_draft_layers,
         mixed_precision=bool(args.bf16 or args.fp16),
         head_checkpointing=args.head_checkpointing,
+        loss=args.loss,
         target_dtype_bytes=2
         if str(getattr(target_config, "dtype", "bfloat16")).endswith(("bfloat16", "float16"))
         else 4,

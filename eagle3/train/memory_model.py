@@ -14,7 +14,8 @@ Activation bytes per token are counted from what autograd keeps in ``eagle3.trai
   their q/k norms and rotary outputs, the attention output, o_proj, the MLP's gate, up, SiLU
   and product (4 x intermediate), the residual sums and the final norm;
 * the step's head: log-softmax output over the draft vocabulary, always fp32 (``.float()``),
-  unless ``--head-checkpointing`` recomputes it in backward;
+  plus the draft's probabilities q for ``lk_lambda`` (its min(p, q) term; the default loss),
+  unless ``--head-checkpointing`` recomputes them in backward;
 * once per token: the fp32 copy of the aux states for ``fc``, its output, the token embeddings,
   and the target's softmax over the draft vocabulary (fp32).
 
@@ -109,6 +110,7 @@ def activation_bytes_per_token(
     num_draft_layers: int = 1,
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
+    loss: str = "lk_lambda",
 ) -> int:
     """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc)."""
     h, i, vd = hidden_size, intermediate_size, draft_vocab_size
@@ -125,7 +127,8 @@ def activation_bytes_per_token(
         layer += 2 * h * fp32 + h * act  # post-attention norm, residual
         layer += 4 * i * act + h * act  # gate, up, SiLU, product; down output
     layer += 2 * h * fp32  # final norm, pre-norm sum
-    head = 0 if head_checkpointing else vd * fp32  # log-softmax output
+    head_tensors = 2 if loss == "lk_lambda" else 1  # log-softmax output (+ q = exp of it for min(p, q))
+    head = 0 if head_checkpointing else head_tensors * vd * fp32
     per_step = layer + head + h * act  # + the normed hidden fed to lm_head
     once = num_aux * (target_hidden_size or h) * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
     transient = 4 * vd * fp32  # one step's head backward: grads of product, log-softmax, logits + softmax
@@ -147,6 +150,7 @@ def estimate_peak_memory(
     num_draft_layers: int = 1,
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
+    loss: str = "lk_lambda",
     target_dtype_bytes: int = 2,
     zero_stage: int = 0,
     world_size: int = 1,
@@ -189,6 +193,7 @@ def estimate_peak_memory(
         num_draft_layers,
         mixed_precision,
         head_checkpointing,
+        loss,
     )
     return MemoryEstimate(
         trainable_weights=weights,
