@@ -220,7 +220,9 @@ def ttt_loss(
     loss = hidden.new_zeros((), dtype=torch.float32)
     stats = torch.zeros(stats_size(steps), device=input_ids.device)
     run = torch.ones(batch, max(length - 1, 0), dtype=torch.bool, device=input_ids.device)
-    run_length = torch.zeros(batch, max(length - 1, 0), dtype=torch.long, device=input_ids.device)
+    # Evaluation only: leading hits per position, for the decoding walk (not needed in training steps).
+    evaluating = not torch.is_grad_enabled()
+    run_length = torch.zeros_like(run, dtype=torch.long) if evaluating else None
     for i in range(steps):
         normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
         n = length - 1 - i  # positions t whose target s = t + 1 + i exists
@@ -246,7 +248,8 @@ def ttt_loss(
             eligible = run[:, :n] & (target.greedy[:, i : i + n] if target.greedy is not None else True)
         run[:, :n] = eligible & hits
         run[:, n:] = False
-        run_length += run
+        if evaluating:
+            run_length += run
         stats[STATS_PER_STEP * i : STATS_PER_STEP * (i + 1)] = torch.stack(
             [
                 ce_sum.detach(),
@@ -256,7 +259,7 @@ def ttt_loss(
                 eligible.sum().float(),
             ]
         )
-    if not torch.is_grad_enabled():  # evaluation: the decoding walk (a Python loop, cheap next to eval)
+    if evaluating:  # the decoding walk (a Python loop, cheap next to evaluation)
         ks = (min(3, steps), steps)
         rounds = decoding_rounds(target.assistant[:, 1:], run_length, ks)
         stats[STATS_PER_STEP * steps : STATS_PER_STEP * steps + ROUND_STATS] = rounds.to(stats)
