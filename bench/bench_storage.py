@@ -30,7 +30,7 @@ from eagle3.data.store import read_manifest
 from eagle3.testing import QWEN3_SHAPES, build_tiny_target, synthetic_conversations, tiny_target, write_jsonl
 from eagle3.train.args import parse_args
 from eagle3.train.main import train
-from eagle3.train.memory_model import draft_parameter_counts
+from eagle3.train.memory_model import DraftShape, draft_parameter_counts, target_shape
 
 TRAIN_FLAGS = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0"]
 
@@ -126,12 +126,11 @@ def speed(work: Path, epochs: int) -> None:
     print("\n   cost model per token (FLOPs; a training step costs 3x its forward):")
     for name in ("qwen3-1.7b", "qwen3-8b"):
         shape = QWEN3_SHAPES[name]
-        keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-        sizes = {key: shape[key] for key in (*keys, "vocab_size")}
         h, q, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
         layer = h * (q + 2 * kv) * shape["head_dim"] + q * shape["head_dim"] * h + 3 * h * shape["intermediate_size"]
         target_flops = 2 * shape["num_hidden_layers"] * layer  # forward only, no lm_head needed
-        draft_forward = 2 * draft_parameter_counts(**sizes, draft_vocab_size=32000)[0]  # fc, layer, 32k lm_head
+        draft = DraftShape(**target_shape(shape), draft_vocab_size=32000)
+        draft_forward = 2 * draft_parameter_counts(draft)[0]  # fc, layer, 32k lm_head
         head = 2 * h * 32000  # the target head's draft-vocab rows, for the target distribution
         draft_step = 7 * 3 * draft_forward + head
         print(

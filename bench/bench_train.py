@@ -33,7 +33,7 @@ from eagle3.testing import QWEN3_SHAPES
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator
 from eagle3.train.loss import TargetProjector, ttt_loss
-from eagle3.train.memory_model import estimate_peak_memory
+from eagle3.train.memory_model import estimate_peak_memory, target_shape
 from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.trainer import Eagle3Trainer
 
@@ -241,14 +241,8 @@ MODEL_CHECKS = (("qwen3-1.7b", 2048), ("qwen3-4b", 1024))
 
 
 def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 32000):
-    dims = MODEL_SHAPES[shape]
     return estimate_peak_memory(
-        hidden_size=dims["hidden"],
-        intermediate_size=dims["intermediate"],
-        num_attention_heads=dims["heads"],
-        num_key_value_heads=dims["kv_heads"],
-        head_dim=dims["head_dim"],
-        vocab_size=dims["vocab"],
+        **target_shape(QWEN3_SHAPES[shape]),
         draft_vocab_size=draft_vocab,
         tokens_per_batch=length,
         ttt_steps=steps,

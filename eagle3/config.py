@@ -59,6 +59,45 @@ DRAFT_ARCHITECTURES = {
 #   norm_output           the next draft step is fed the POST-norm hidden state instead of the pre-norm one
 #   norm_before_residual  layer 0's residual is hidden_norm(h) instead of h
 # EAGLE-3.1 (speculators) = fc_norm + norm_output.
+# Qwen3's published configs (hidden, layers, heads, KV heads, head_dim, MLP, vocab, tied): the shapes
+# the memory model's budget table, the benches and the full-shape rehearsal use.
+QWEN3_CONFIGS: dict[str, dict] = {
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=9728,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12288,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+    ),
+}
+
+
 NORM_FIELDS = ("fc_norm", "norm_before_fc", "norm_output", "norm_before_residual")
 DRAFT_VARIANTS: dict[str, dict[str, bool]] = {
     "eagle3": {name: False for name in NORM_FIELDS},

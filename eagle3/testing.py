@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from eagle3.config import QWEN3_CONFIGS
+
 RECIPE_VERSION = "tiny-qwen3-v1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -295,41 +297,9 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 # Random-weight targets at Qwen3's real shapes, laid out the way the Hub ships them.
 
-# Qwen3's published configs (hidden, layers, heads, KV heads, head_dim, MLP, vocab, tied).
+# Qwen3's published configs (eagle3.config.QWEN3_CONFIGS) plus one at test size.
 QWEN3_SHAPES: dict[str, dict] = {
-    "qwen3-1.7b": dict(
-        hidden_size=2048,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=6144,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        hidden_size=2560,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=9728,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-8b": dict(
-        hidden_size=4096,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=12288,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        tie_word_embeddings=False,
-    ),
+    **QWEN3_CONFIGS,
     # The same layouts at test size (vLLM's CPU attention needs head_dim >= 64).
     "small": dict(
         hidden_size=128,

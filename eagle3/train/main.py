@@ -32,7 +32,7 @@ from eagle3.target import TargetHead, config_hash, load_target_config, resolve_m
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, padded, split_train_eval
 from eagle3.train.loss import TargetProjector
-from eagle3.train.memory_model import estimate_peak_memory
+from eagle3.train.memory_model import estimate_peak_memory, target_shape
 from eagle3.train.model import Eagle3DraftForTraining
 from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
 from eagle3.train.server_states import ServerSource, ServerStatesDataset
@@ -132,13 +132,7 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     return estimate_peak_memory(
-        hidden_size=target_config.hidden_size,
-        intermediate_size=target_config.intermediate_size,
-        num_attention_heads=target_config.num_attention_heads,
-        num_key_value_heads=target_config.num_key_value_heads,
-        head_dim=getattr(target_config, "head_dim", None)
-        or target_config.hidden_size // target_config.num_attention_heads,
-        vocab_size=target_config.vocab_size,
+        **target_shape(target_config),
         draft_vocab_size=draft_vocab_size,
         tokens_per_batch=tokens,
         ttt_steps=args.ttt_steps,

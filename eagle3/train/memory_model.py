@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from eagle3.config import QWEN3_CONFIGS
+
 GIB = 2**30
 
 
@@ -73,52 +75,68 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def draft_parameter_counts(
-    hidden_size: int,
-    intermediate_size: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    head_dim: int,
-    vocab_size: int,
-    draft_vocab_size: int,
-    target_hidden_size: int | None = None,
-    num_aux: int = 3,
-    num_draft_layers: int = 1,
-) -> tuple[int, int]:
+@dataclass(frozen=True)
+class DraftShape:
+    """The sizes that decide a draft's memory: the target's (the draft copies them) and the draft's own."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    draft_vocab_size: int
+    target_hidden_size: int | None = None
+    num_aux: int = 3
+    num_draft_layers: int = 1
+
+
+TARGET_SHAPE_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+def target_shape(config) -> dict[str, int]:
+    """The ``DraftShape`` sizes a target's config decides (a transformers config or a plain dict;
+    ``head_dim`` defaults to hidden / heads as in transformers)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    shape = {key: get(key) for key in TARGET_SHAPE_KEYS}
+    shape["head_dim"] = shape["head_dim"] or shape["hidden_size"] // shape["num_attention_heads"]
+    return shape
+
+
+def draft_parameter_counts(shape: DraftShape) -> tuple[int, int]:
     """(trainable, frozen) parameter counts of the draft (frozen = the target's embedding)."""
-    h, i = hidden_size, intermediate_size
-    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
-    trainable = num_aux * (target_hidden_size or h) * h + h  # fc + final norm
-    for layer in range(num_draft_layers):
+    h, i, head_dim = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+    trainable = shape.num_aux * (shape.target_hidden_size or h) * h + h  # fc + final norm
+    for layer in range(shape.num_draft_layers):
         width = 2 * h if layer == 0 else h
         trainable += width * (q + 2 * kv) + q * h + 3 * h * i  # attention + MLP
         trainable += 2 * h + 2 * head_dim + (h if layer == 0 else 0)  # norms (hidden_norm on layer 0)
-    trainable += draft_vocab_size * h  # lm_head
-    return trainable, vocab_size * h
+    trainable += shape.draft_vocab_size * h  # lm_head
+    return trainable, shape.vocab_size * h
 
 
 def activation_bytes_per_token(
-    hidden_size: int,
-    intermediate_size: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    head_dim: int,
-    draft_vocab_size: int,
+    shape: DraftShape,
     ttt_steps: int,
-    target_hidden_size: int | None = None,
-    num_aux: int = 3,
-    num_draft_layers: int = 1,
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
     loss: str = "lk_lambda",
 ) -> int:
     """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc)."""
-    h, i, vd = hidden_size, intermediate_size, draft_vocab_size
-    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    h, i, vd = shape.hidden_size, shape.intermediate_size, shape.draft_vocab_size
+    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     act = 2 if mixed_precision else 4  # layer activations (autocast) ...
     fp32 = 4  # ... while softmaxes and norm statistics stay fp32
     layer = 0
-    for index in range(num_draft_layers):
+    for index in range(shape.num_draft_layers):
         width = 2 * h if index == 0 else h
         norms = (3 if index == 0 else 1) * 2 * h * fp32  # input/hidden norms (+ post-attention below)
         layer += norms + width * act  # the concatenated (or summed) layer input
@@ -130,7 +148,8 @@ def activation_bytes_per_token(
     head_tensors = 2 if loss == "lk_lambda" else 1  # log-softmax output (+ q = exp of it for min(p, q))
     head = 0 if head_checkpointing else head_tensors * vd * fp32
     per_step = layer + head + h * act  # + the normed hidden fed to lm_head
-    once = num_aux * (target_hidden_size or h) * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
+    aux_width = shape.num_aux * (shape.target_hidden_size or h)
+    once = aux_width * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
     transient = 4 * vd * fp32  # one step's head backward: grads of product, log-softmax, logits + softmax
     return ttt_steps * per_step + once + transient
 
@@ -162,39 +181,26 @@ def estimate_peak_memory(
     the trainable weights; ``offload_optimizer`` moves the AdamW states to host memory. The
     frozen embedding and the target's head are whole on every device.
     """
-    trainable, frozen = draft_parameter_counts(
-        hidden_size,
-        intermediate_size,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        vocab_size,
-        draft_vocab_size,
-        target_hidden_size,
-        num_aux,
-        num_draft_layers,
+    shape = DraftShape(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        draft_vocab_size=draft_vocab_size,
+        target_hidden_size=target_hidden_size,
+        num_aux=num_aux,
+        num_draft_layers=num_draft_layers,
     )
+    trainable, frozen = draft_parameter_counts(shape)
     shard = max(1, world_size)
     weights = trainable * 4 // (shard if zero_stage >= 3 else 1)
     gradients = trainable * 4 // (shard if zero_stage >= 2 else 1)
     optimizer = 0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1)
     full_head = vocab_size if draft_vocab_size < vocab_size else 0  # argmax over the full vocab
     target_head = (full_head + draft_vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes
-    per_token = activation_bytes_per_token(
-        hidden_size,
-        intermediate_size,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        draft_vocab_size,
-        ttt_steps,
-        target_hidden_size,
-        num_aux,
-        num_draft_layers,
-        mixed_precision,
-        head_checkpointing,
-        loss,
-    )
+    per_token = activation_bytes_per_token(shape, ttt_steps, mixed_precision, head_checkpointing, loss)
     return MemoryEstimate(
         trainable_weights=weights,
         frozen_weights=frozen * 4,
@@ -215,15 +221,6 @@ def max_tokens_per_batch(budget_bytes: int, **shapes) -> int:
     return (budget_bytes - fixed) // per_token // 64 * 64
 
 
-# Qwen3 targets' draft shapes (same numbers as eagle3.testing.QWEN3_SHAPES, kept here so this
-# module needs nothing else).
-QWEN3_DRAFT_SHAPES = {
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8),
-    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8),
-}
-
-
 def usable_bytes(device_gb: float) -> int:
     """What a training process can allocate on a ``device_gb`` GB GPU: 90 % (allocator
     fragmentation, NCCL buffers) minus 1 GiB (CUDA context, kernels)."""
@@ -238,8 +235,9 @@ def budget_table(
     header = "| draft for | fixed (weights, grads, AdamW, target head) | activations per token |"
     header += "".join(f" {gb:g} GB |" for gb in device_gbs)
     lines = [header, "|---" * (3 + len(device_gbs)) + "|"]
-    for name, dims in QWEN3_DRAFT_SHAPES.items():
-        shapes = dict(**dims, head_dim=128, vocab_size=151936, draft_vocab_size=draft_vocab_size, mixed_precision=True)
+    for key, config in QWEN3_CONFIGS.items():
+        name = "Qwen3-" + key.split("-", 1)[1].upper()
+        shapes = dict(**target_shape(config), draft_vocab_size=draft_vocab_size, mixed_precision=True)
         shapes["ttt_steps"] = ttt_steps
         fixed = estimate_peak_memory(tokens_per_batch=0, **shapes).total
         per_token = estimate_peak_memory(tokens_per_batch=1, **shapes).activations
