@@ -24,6 +24,7 @@ def new_draft(
     draft_arch: str = "qwen3",
     seed: int = 0,
     draft_variant: str = "eagle3",
+    intermediate_size: int | None = None,
 ) -> Path:
     """Save an untrained draft for ``target``: sizes from its config, lm_head from its rows.
 
@@ -46,6 +47,7 @@ def new_draft(
         target_model_name_or_path=resolve_model(target),
         draft_arch=draft_arch,
         draft_variant=draft_variant,
+        intermediate_size=intermediate_size,
     )
     model = Eagle3Qwen3ForCausalLM(config)
     draft_ids = torch.arange(config.draft_vocab_size)
@@ -73,6 +75,7 @@ def _cmd_new_draft(args: argparse.Namespace) -> int:
         draft_vocab_size=args.draft_vocab_size,
         draft_arch=args.draft_arch,
         draft_variant=args.draft_variant,
+        intermediate_size=args.draft_intermediate_size,
     )
     print(f"saved an untrained draft to {path}")
     return 0
@@ -119,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     draft.add_argument("--num-draft-layers", type=int, default=1, help="decoder layers in the draft")
     draft.add_argument("--draft-vocab-size", type=int, help="draft lm_head size (default: the target's vocabulary)")
     draft.add_argument("--draft-arch", choices=["qwen3", "llama"], default="qwen3", help="vLLM class of the draft")
+    draft.add_argument(
+        "--draft-intermediate-size",
+        type=int,
+        help="the draft's MLP width (default: the target's intermediate_size, else 3 x hidden for MoE targets)",
+    )
     draft.add_argument(
         "--draft-variant",
         choices=sorted(DRAFT_VARIANTS),

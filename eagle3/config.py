@@ -21,6 +21,8 @@ from typing import Any
 
 from transformers import Qwen3Config
 
+from eagle3.families import family_of
+
 # One --max-length default for collecting and training (tokens per sample): collecting longer
 # samples than training reads only stores states that training cuts off.
 DEFAULT_MAX_LENGTH = 2048
@@ -40,8 +42,43 @@ _COPIED_FROM_TARGET = (
     "eos_token_id",
     "pad_token_id",
     "attention_bias",
-    "rope_parameters",
 )
+
+# Rope keys that describe the TARGET's attention, not the draft's. Qwen3-Next / Qwen3.5 rotate a
+# quarter of each head (partial_rotary_factor 0.25) and Qwen3-VL / Qwen3.5 split the rotary
+# dimensions into multimodal sections. The draft is one plain attention layer that only ever
+# sees text positions: it rotates every dimension of its heads with the target's rope_theta (and
+# scaling), as the field's Qwen3.5 drafts do (SpecForge's qwen3.5-4b-eagle3: full rotary, theta
+# 1e7). Writing them into the draft's config.json would make vLLM build a partial rope for it
+# (rotary_dim = head_dim x 0.25) that training never used. `eagle3 check` verifies numerically
+# that the rope vLLM builds from the saved config is the one training used.
+TARGET_ONLY_ROPE_KEYS = ("partial_rotary_factor", "mrope_section", "mrope_interleaved")
+
+
+def draft_rope_parameters(target_config) -> dict[str, Any]:
+    """The draft's rope: the target's theta and scaling, every head dimension rotated."""
+    rope = dict(getattr(target_config, "rope_parameters", None) or {})
+    if not rope:
+        rope = {"rope_type": "default", "rope_theta": getattr(target_config, "rope_theta", 10000.0)}
+    for key in TARGET_ONLY_ROPE_KEYS:
+        rope.pop(key, None)
+    rope.setdefault("rope_type", "default")
+    return rope
+
+
+def draft_intermediate_size(target_config, override: int | None = None) -> int:
+    """The draft's dense MLP width: ``override`` (--draft-intermediate-size), else the target's
+    ``intermediate_size`` (dense Qwen3 and Qwen3-30B-A3B publish one: 6144, as SpecForge's
+    Qwen3-MoE drafts use a dense MLP of that order), else, for MoE text configs without one
+    (Qwen3.5-MoE), 3 x hidden_size rounded up to 256 (dense Qwen3's ratio at 1.7B and 8B)."""
+    if override is not None:
+        if override < 1:
+            raise Eagle3ConfigError(f"--draft-intermediate-size must be positive, got {override}.")
+        return int(override)
+    size = getattr(target_config, "intermediate_size", None)
+    if size:
+        return int(size)
+    return (3 * int(target_config.hidden_size) + 255) // 256 * 256
 
 
 # --draft-arch: which vLLM/SGLang class serves the draft. "qwen3" keeps Qwen3's q/k norms
@@ -201,6 +238,7 @@ class Eagle3Qwen3Config(Qwen3Config):
         norm_before_fc: bool = False,
         norm_output: bool = False,
         draft_arch: str | None = None,
+        target_final_norm: str | None = None,
         **kwargs: Any,
     ) -> None:
         if draft_arch is None:  # a saved llama-format draft says so through its architectures
@@ -236,6 +274,9 @@ class Eagle3Qwen3Config(Qwen3Config):
         self.fc_norm = bool(fc_norm)
         self.norm_before_fc = bool(norm_before_fc)
         self.norm_output = bool(norm_output)
+        # How training read the target's final norm ("standard": x * w, "zero_centred": x * (1 + w)):
+        # `eagle3 check` compares it with the target's (None: a draft from before it was recorded).
+        self.target_final_norm = target_final_norm
         self.validate_eagle3()
 
     def to_dict(self) -> dict[str, Any]:
@@ -294,9 +335,11 @@ class Eagle3Qwen3Config(Qwen3Config):
         target_model_name_or_path: str | None = None,
         draft_arch: str = "qwen3",
         draft_variant: str = "eagle3",
+        intermediate_size: int | None = None,
         **norm_overrides: bool | None,
     ) -> Eagle3Qwen3Config:
-        """Build a draft config whose sizes, rope and vocab are copied from the target's."""
+        """Build a draft config whose sizes, rope and vocab come from the target's (a TEXT config:
+        ``eagle3.target.load_target_config``)."""
         num_target_layers = target_config.num_hidden_layers
         if target_layers is None:
             target_layers = default_target_layers(num_target_layers)
@@ -304,9 +347,12 @@ class Eagle3Qwen3Config(Qwen3Config):
         if num_draft_layers < 1:
             raise Eagle3ConfigError(f"--num-draft-layers must be >= 1, got {num_draft_layers}.")
         copied = {key: getattr(target_config, key) for key in _COPIED_FROM_TARGET if hasattr(target_config, key)}
+        copied["intermediate_size"] = draft_intermediate_size(target_config, intermediate_size)
+        copied["rope_parameters"] = draft_rope_parameters(target_config)
         if copied.get("head_dim") is None:
             copied["head_dim"] = target_config.hidden_size // target_config.num_attention_heads
         vocab_size = target_config.vocab_size
+        family = family_of(target_config, source=target_model_name_or_path or "the target")
         return cls(
             **copied,
             num_hidden_layers=num_draft_layers,
@@ -321,5 +367,6 @@ class Eagle3Qwen3Config(Qwen3Config):
             target_model_name_or_path=target_model_name_or_path
             or getattr(target_config, "_name_or_path", None)
             or None,
+            target_final_norm="zero_centred" if family.zero_centred_norm else "standard",
             dtype=str(getattr(target_config, "dtype", None) or "float32").replace("torch.", ""),
         )

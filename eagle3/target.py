@@ -17,9 +17,23 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from eagle3.families import (
+    LM_HEAD as LM_HEAD,  # re-exported: the head's name is the same in every layout
+)
+from eagle3.families import (
+    TargetFamily,
+    checkpoint_dtype,
+    family_of,
+    tensor_names,
+    text_config,
+    tie_word_embeddings,
+)
+from eagle3.families import final_norm as family_final_norm
+
+# The flat layout's names (Qwen3*ForCausalLM); nested checkpoints are read through
+# eagle3.families.tensor_names.
 EMBED = "model.embed_tokens.weight"
 NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
 
 
 def _resolve(model: str | Path, filename: str) -> Path | None:
@@ -45,13 +59,28 @@ def resolve_model(model: str | Path) -> str:
 
 
 def load_target_config(model: str | Path) -> PretrainedConfig:
+    """The target's TEXT config (``text_config`` of a multimodal checkpoint), refused with a clear
+    message for an architecture outside the Qwen3 family. What a nested text config lacks and
+    the wrapper has is filled in from the top level: the checkpoint dtype (the draft is exported
+    in it), the tied-head flag and the name."""
     try:
         config = AutoConfig.from_pretrained(str(model))
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"cannot read the target config of {model!r}: {error}. Pass a local model folder or a Hub id."
         ) from None
-    return getattr(config, "text_config", config)
+    family_of(config, source=str(model))
+    text = text_config(config)
+    if text is not config:
+        text.dtype = checkpoint_dtype(config)
+        text.tie_word_embeddings = tie_word_embeddings(config)
+        text._name_or_path = config._name_or_path
+    return text
+
+
+def target_family(config: PretrainedConfig) -> TargetFamily:
+    """The family of a target's (text or top-level) config."""
+    return family_of(config, source=getattr(config, "_name_or_path", None) or "the target")
 
 
 def config_hash(config: PretrainedConfig) -> str:
@@ -69,6 +98,18 @@ def config_hash(config: PretrainedConfig) -> str:
     )
     data = {key: getattr(config, key, None) for key in keys}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def target_tensor_names(model: str | Path) -> list[str]:
+    """Every tensor name the target's checkpoint holds (the index's, or the single file's)."""
+    index_path = _resolve(model, "model.safetensors.index.json")
+    if index_path is not None:
+        return list(json.loads(index_path.read_text())["weight_map"])
+    path = _resolve(model, "model.safetensors")
+    if path is None:
+        raise FileNotFoundError(f"{model}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(path, framework="pt") as handle:
+        return list(handle.keys())
 
 
 def read_target_tensors(model: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -101,32 +142,42 @@ def read_target_tensors(model: str | Path, names: list[str]) -> dict[str, torch.
     return tensors
 
 
-def final_norm(last_hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The target's final RMSNorm on pre-norm last hidden states (in fp32, as Qwen3's is)."""
-    hidden = last_hidden_states.float()
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.float() * hidden
+def final_norm(
+    last_hidden_states: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bool = False
+) -> torch.Tensor:
+    """The target's final RMSNorm on pre-norm last hidden states (fp32); ``zero_centred`` for
+    Qwen3-Next / Qwen3.5 (``x * (1 + w)``): ask ``TargetHead.zero_centred_norm``."""
+    return family_final_norm(last_hidden_states, weight, eps, zero_centred)
 
 
 @dataclass
 class TargetHead:
-    """Frozen target pieces: embedding [V, H], final norm [H], lm_head [V, H]."""
+    """Frozen target pieces: embedding [V, H], final norm [H], lm_head [V, H], and the norm's
+    convention (its family's): together they are the target's own next-token distribution."""
 
     config: PretrainedConfig
     embed_tokens: torch.Tensor
     norm: torch.Tensor
     lm_head: torch.Tensor
+    zero_centred_norm: bool = False
 
     @classmethod
     def from_pretrained(cls, model: str | Path) -> TargetHead:
         config = load_target_config(model)
-        tensors = read_target_tensors(model, [EMBED, NORM, LM_HEAD])
-        missing = [name for name in (EMBED, NORM) if name not in tensors]
-        if missing:
-            raise FileNotFoundError(f"{model}: tensors {missing} not found; is this a Qwen3 causal LM checkpoint?")
-        lm_head = tensors.get(LM_HEAD)
-        if lm_head is None:
-            if not getattr(config, "tie_word_embeddings", False):
-                raise FileNotFoundError(f"{model}: {LM_HEAD} not found and tie_word_embeddings is false")
-            lm_head = tensors[EMBED]
-        return cls(config=config, embed_tokens=tensors[EMBED], norm=tensors[NORM], lm_head=lm_head)
+        names = tensor_names(target_tensor_names(model), config.tie_word_embeddings, source=str(model))
+        wanted = [names.embed, names.norm] + ([names.lm_head] if names.lm_head else [])
+        tensors = read_target_tensors(model, wanted)
+        return cls(
+            config=config,
+            embed_tokens=tensors[names.embed],
+            norm=tensors[names.norm],
+            lm_head=tensors[names.lm_head] if names.lm_head else tensors[names.embed],
+            zero_centred_norm=target_family(config).zero_centred_norm,
+        )
+
+    def final_norm(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
+        return final_norm(last_hidden_states, self.norm, float(self.config.rms_norm_eps), self.zero_centred_norm)
+
+    def logits(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary fp32 logits from pre-norm last hidden states [..., H]."""
+        return self.final_norm(last_hidden_states) @ self.lm_head.float().T

@@ -429,3 +429,160 @@ def qwen3_target(shape: str = "small", layout: str = "tied", dtype: str = "bfloa
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random-weight targets of every Qwen3-family architecture, saved by transformers' own
+# classes, so each is laid out exactly as its published checkpoints are (flat ``model.*``, or
+# ``model.language_model.*`` + ``model.visual.*`` for the multimodal wrappers).
+
+_TINY_TEXT = dict(
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    vocab_size=1024,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+)
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+# Hybrid: three Gated DeltaNet layers then full attention, as Qwen3-Next / Qwen3.5 interleave
+# them. Linear head dim 128: what vLLM's CPU GDN kernel supports.
+_TINY_HYBRID = dict(
+    layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+    linear_key_head_dim=128,
+    linear_value_head_dim=128,
+    linear_num_key_heads=1,
+    linear_num_value_heads=2,
+    partial_rotary_factor=0.25,
+)
+_TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128)
+
+# name -> (config class, model class, text config, wrapped in a multimodal config?)
+FAMILY_TARGETS: dict[str, tuple[str, str, dict, bool]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(intermediate_size=256, **_TINY_MOE), False),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(intermediate_size=256, shared_expert_intermediate_size=64, **_TINY_MOE, **_TINY_HYBRID),
+        False,
+    ),
+    "qwen3_5_text": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(intermediate_size=256, **_TINY_HYBRID), False),
+    "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", dict(intermediate_size=256, **_TINY_HYBRID), True),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeConfig",
+        "Qwen3_5MoeForConditionalGeneration",
+        dict(shared_expert_intermediate_size=64, **_TINY_MOE, **_TINY_HYBRID),
+        True,
+    ),
+    "qwen3_vl": (
+        "Qwen3VLConfig",
+        "Qwen3VLForConditionalGeneration",
+        dict(
+            intermediate_size=256,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [8, 12, 12],
+                "mrope_interleaved": True,
+            },
+        ),
+        True,
+    ),
+    "qwen3_vl_moe": (
+        "Qwen3VLMoeConfig",
+        "Qwen3VLMoeForConditionalGeneration",
+        dict(
+            intermediate_size=256,
+            **_TINY_MOE,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": [8, 12, 12],
+                "mrope_interleaved": True,
+            },
+        ),
+        True,
+    ),
+}
+
+
+def build_family_target(
+    output_dir: str | Path,
+    name: str,
+    tied: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+    text_overrides: dict | None = None,
+) -> Path:
+    """A random-weight target of ``FAMILY_TARGETS[name]`` saved by its transformers class, with the
+    tiny tokenizer. Final and layer norms get random weights (around 0 for the zero-centred
+    families, around 1 for the others), so a norm read with the wrong convention shows at once;
+    embedding and head rows past the tokenizer's ids are zero (greedy text stays decodable)."""
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
+
+    config_name, model_name, text, nested = FAMILY_TARGETS[name]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target())
+    ids = dict(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    text = {**_TINY_TEXT, **text, **ids, **(text_overrides or {})}
+    config_class = getattr(transformers, config_name)
+    if nested:
+        vision = dict(_TINY_VISION, out_hidden_size=text["hidden_size"])
+        if name.startswith("qwen3_vl"):
+            vision["deepstack_visual_indexes"] = [0]
+        config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    else:
+        config = config_class(**text, tie_word_embeddings=tied)
+    config.architectures = [model_name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    text_config = config.get_text_config()
+    zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
+    used = len(tokenizer)
+    with torch.no_grad():
+        for module_name, parameter in model.named_parameters():
+            if module_name.endswith("norm.weight") and "visual" not in module_name:
+                parameter.copy_(torch.randn_like(parameter) * 0.2 + (0.0 if zero_centred else 1.0))
+        model.get_input_embeddings().weight[used:] = 0
+        model.get_output_embeddings().weight[used:] = 0
+    model.generation_config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=[text_config.eos_token_id, text_config.pad_token_id],
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
+    if dtype != "float32":
+        model.to(getattr(torch, dtype))
+    config.dtype = dtype
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def family_target(name: str, tied: bool = False, dtype: str = "float32", **kwargs) -> Path:
+    """Path to a cached ``build_family_target`` checkpoint, building it on first use."""
+    key = json.dumps({"name": name, "tied": tied, "dtype": dtype, "v": 1, **kwargs}, sort_keys=True)
+    final = (
+        cache_dir()
+        / f"family-{name}-{'tied' if tied else 'untied'}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    )
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    try:
+        build_family_target(staging, name, tied=tied, dtype=dtype, **kwargs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        staging.rename(final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final

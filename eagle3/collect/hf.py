@@ -15,13 +15,14 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
 from eagle3.data.codecs import capture_dtype, has_states
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
+from eagle3.families import decoder_layers, load_text_model, text_backbone
+from eagle3.target import load_target_config, target_family
 
 
 def default_device() -> str:
@@ -63,11 +64,11 @@ def capture_states(
     """One forward of ``model``'s base model (no lm_head) over a right-padded batch:
     (aux [B, T, n_aux*H] at ``layers`` in ascending order, last [B, T, H] = the last decoder
     layer's output before the final norm), on the model's device, in ``dtype``."""
-    decoder_layers = model.model.layers
-    last_layer = len(decoder_layers) - 1
-    capture = LayerCapture(decoder_layers, sorted(set(layers) | {last_layer}))
+    layers_of_model = decoder_layers(model)
+    last_layer = len(layers_of_model) - 1
+    capture = LayerCapture(layers_of_model, sorted(set(layers) | {last_layer}))
     try:
-        model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        text_backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         capture.remove()
     # One pass per layer: copy + cast into the stored dtype on the device (halves the
@@ -97,15 +98,15 @@ class HfBackend:
         hidden_dtype: str = "bf16",
     ):
         self.device = torch.device(device or default_device())
-        # Straight onto this rank's device (no full copy in host memory per rank first).
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=_torch_dtype(dtype), device_map=self.device
-        ).eval()
+        # Straight onto this rank's device (no full copy in host memory per rank first); the text
+        # model of a multimodal checkpoint (its family says how).
+        family = target_family(load_target_config(model))
+        self.model = load_text_model(model, family, dtype=_torch_dtype(dtype), device_map=self.device).eval()
         self.renderer = renderer
         self.hidden_dtype = capture_dtype(hidden_dtype)  # the store encodes fp8 from bf16
         self.capture_states = has_states(hidden_dtype)  # --no-states: ids and masks only
         self.layers = list(layers)
-        self.num_layers = self.model.config.num_hidden_layers
+        self.num_layers = self.model.config.get_text_config().num_hidden_layers
         self.batch_size = batch_size
         self.regenerate = regenerate
         self.max_new_tokens = max_new_tokens

@@ -80,17 +80,19 @@ def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
 
 def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from eagle3.evaluate.speculative import SpeculativeDecoder
+    from eagle3.families import load_text_model
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
+    from eagle3.target import load_target_config, target_family
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Straight onto the device: no full copy of the target in host memory first.
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = named.get(args.dtype, "auto" if device.type == "cuda" else torch.float32)
-    target = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device)
+    family = target_family(load_target_config(args.model))
+    target = load_text_model(args.model, family, dtype=dtype, device_map=device)
     draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
     decoder = SpeculativeDecoder(

@@ -19,12 +19,14 @@ Acceptance length = 1 + accepted / rounds (vLLM's "mean acceptance length").
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from eagle3.families import decoder_layers, family_of, final_norm_module
 from eagle3.modeling import Eagle3Qwen3ForCausalLM
 
 
@@ -34,8 +36,8 @@ class AuxStateRecorder:
     def __init__(self, target: PreTrainedModel, layers: list[int]) -> None:
         self.states: dict[int, torch.Tensor] = {}
         self.layers = list(layers)
-        decoder_layers = target.model.layers
-        self._hooks = [decoder_layers[i].register_forward_hook(self._hook(i)) for i in self.layers]
+        layers_of_target = decoder_layers(target)
+        self._hooks = [layers_of_target[i].register_forward_hook(self._hook(i)) for i in self.layers]
 
     def _hook(self, layer: int):
         def record(_module, _inputs, output):
@@ -94,12 +96,13 @@ class SpeculativeDecoder:
         self.k = num_speculative_tokens
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
-        self.vocab_size = target.config.vocab_size
+        self.vocab_size = target.config.get_text_config().vocab_size
         self.draft_to_target = draft.draft_to_target_ids().cpu()
         eos = target.generation_config.eos_token_id if target.generation_config is not None else None
-        eos = eos if eos is not None else target.config.eos_token_id
+        eos = eos if eos is not None else target.config.get_text_config().eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.recorder = AuxStateRecorder(target, draft.config.target_layers)
+        self.family = family_of(target.config)
         self._projector = None  # built on first teacher_forced_stats
 
     # ------------------------------------------------------------------ pieces
@@ -194,6 +197,10 @@ class SpeculativeDecoder:
             proposal = [first, *self._propose(prenorm[:, -1:], first, position, draft_cache, self.k - 1, q)]
             draft_cache.crop(committed)
 
+            # A hybrid target's linear-attention layers carry a recurrent state that cannot be
+            # cropped back (transformers can only crop their conv state): keep the cache as it
+            # was before verification and replay the accepted tokens on a rejection.
+            before_verify = copy.deepcopy(target_cache) if self.family.hybrid else None
             target_logits, verify_aux = self._target_forward([output[-1], *proposal], target_cache)
             new_tokens = self._verify(proposal, q, target_logits)
             accepted = len(new_tokens) - 1
@@ -203,7 +210,10 @@ class SpeculativeDecoder:
                 result.accepted_per_position[j] += 1
             # Drop the rejected proposals from the target's cache (negative = tokens to remove).
             rejected = target_cache.get_seq_length() - (len(context) + accepted)
-            if rejected:
+            if rejected and before_verify is not None:
+                target_cache = before_verify
+                _, verify_aux = self._target_forward([output[-1], *proposal[:accepted]], target_cache)
+            elif rejected:
                 target_cache.crop(-rejected)
             output += new_tokens
             context += new_tokens
@@ -230,15 +240,16 @@ class SpeculativeDecoder:
 
         if self._projector is None:
             head = TargetHead(
-                config=self.target.config,
+                config=self.target.config.get_text_config(),
                 embed_tokens=self.target.get_input_embeddings().weight,
-                norm=self.target.model.norm.weight,
+                norm=final_norm_module(self.target).weight,
                 lm_head=self.target.get_output_embeddings().weight,
+                zero_centred_norm=self.family.zero_centred_norm,
             )
             self._projector = TargetProjector(head, self.draft.draft_to_target_ids().cpu(), device=self.device)
         ids = torch.tensor([prompt_ids + output_ids], device=self.device)
         captured: dict[str, torch.Tensor] = {}
-        hook = self.target.model.layers[-1].register_forward_hook(
+        hook = decoder_layers(self.target)[-1].register_forward_hook(
             lambda _m, _a, out: captured.__setitem__("last", out[0] if isinstance(out, tuple) else out)
         )
         try:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from eagle3.target import EMBED, load_target_config, read_target_tensors
+from eagle3.families import UnknownTargetError, tensor_names
+from eagle3.target import load_target_config, read_target_tensors, target_tensor_names
 
 KNOWN_ARCHITECTURES = {
     "Eagle3Qwen3ForCausalLM": "qwen3",
@@ -191,12 +192,15 @@ def _check_config(config: dict, target, problems: list[Problem]) -> str:
                     f"copy {key} from the target's config (Eagle3Qwen3Config.from_target_config does)",
                 )
             )
-    target_rope = getattr(target, "rope_parameters", None)
-    if target_rope is not None and not _same(config.get("rope_parameters"), target_rope):
+    from eagle3.config import draft_rope_parameters
+
+    expected_rope = draft_rope_parameters(target)
+    if not _same(config.get("rope_parameters"), expected_rope):
         problems.append(
             Problem(
-                f"rope_parameters {config.get('rope_parameters')} differ from the target's {target_rope}",
-                "copy rope_parameters (rope_theta, scaling) from the target's config",
+                f"rope_parameters {config.get('rope_parameters')} are not the draft rope for this target "
+                f"{expected_rope} (the target's theta and scaling, every head dimension rotated)",
+                "rebuild the draft config with Eagle3Qwen3Config.from_target_config (run_train.py does)",
             )
         )
     if config.get("hidden_size") != target.hidden_size:
@@ -300,7 +304,8 @@ def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str |
         path = tensors["embed_tokens.weight"][0]
         with safe_open(path, framework="pt") as handle:
             embed = handle.get_tensor("embed_tokens.weight")
-        target_embed = read_target_tensors(target_dir, [EMBED]).get(EMBED)
+        embed_name = tensor_names(target_tensor_names(target_dir), tied=True).embed
+        target_embed = read_target_tensors(target_dir, [embed_name]).get(embed_name)
         if (
             target_embed is None
             or embed.shape != target_embed.shape
@@ -380,8 +385,11 @@ def _check_target_architectures(target: str | Path, problems: list[Problem]) -> 
         )
 
 
-def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
-    """All contract problems of the draft in ``draft_dir`` for ``target`` (empty = vLLM-ready)."""
+def check_draft(draft_dir: str | Path, target: str | Path, numerics: bool = True) -> list[Problem]:
+    """All contract problems of the draft in ``draft_dir`` for ``target`` (empty = vLLM-ready).
+
+    ``numerics``: also verify on synthetic positions that training's target distribution is the
+    target model's own and that vLLM's rope for config.json is training's (eagle3.export.numerics)."""
     draft_dir = Path(draft_dir)
     config_path = draft_dir / "config.json"
     if not config_path.exists():
@@ -396,6 +404,8 @@ def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
         target_config = load_target_config(target)
     except FileNotFoundError as error:
         return [Problem(str(error), "pass --target the target model folder or Hub id")]
+    except UnknownTargetError as error:
+        return [Problem(str(error), "train and serve drafts for Qwen3-family targets (see README, Supported targets)")]
     problems: list[Problem] = []
     for key in ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in config:
@@ -407,6 +417,11 @@ def check_draft(draft_dir: str | Path, target: str | Path) -> list[Problem]:
     files = _weight_files(draft_dir, problems)
     if files:
         _check_tensors(config, arch, files, target, problems)
+    if numerics:
+        from eagle3.export.numerics import rope_problems, target_distribution_problems
+
+        problems += target_distribution_problems(config, target)
+        problems += rope_problems(config)
     return problems
 
 

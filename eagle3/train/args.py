@@ -132,6 +132,13 @@ class Eagle3TrainingArguments(TrainingArguments):
     draft_vocab_size: int = field(
         default=32000, metadata={"help": "Draft lm_head size; capped at the target vocabulary."}
     )
+    draft_intermediate_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "The draft's (dense) MLP width. Default: the target's intermediate_size; for MoE targets "
+            "without one (Qwen3.5-MoE) 3 x hidden_size rounded up to 256."
+        },
+    )
     draft_arch: str = field(
         default="qwen3",
         metadata={

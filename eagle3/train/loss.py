@@ -48,6 +48,7 @@ class TargetProjector:
         self, head: TargetHead, draft_ids: torch.Tensor, device: torch.device | str = "cpu", vocab_chunk: int = 32768
     ) -> None:
         self.eps = float(head.config.rms_norm_eps)
+        self.zero_centred_norm = head.zero_centred_norm  # Qwen3-Next / Qwen3.5: x * (1 + w)
         self.norm = head.norm.to(device)
         self.draft_ids = draft_ids.long().to(device)
         self.draft_rows = head.lm_head[draft_ids.long()].to(device)
@@ -66,7 +67,7 @@ class TargetProjector:
         return self
 
     def normed(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
-        return final_norm(last_hidden_states, self.norm, self.eps).to(self.draft_rows.dtype)
+        return final_norm(last_hidden_states, self.norm, self.eps, self.zero_centred_norm).to(self.draft_rows.dtype)
 
     def full_argmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Argmax over the full vocabulary of hidden [N, H] @ lm_head.T, in vocab chunks."""

@@ -104,6 +104,7 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         target_model_name_or_path=plan.base_model,
         draft_arch=args.draft_arch,
         draft_variant=args.draft_variant,
+        intermediate_size=args.draft_intermediate_size,
         **{name: getattr(args, name) for name in NORM_FIELDS},
     )
     config.dtype = str(export_dtype(plan.target_config)).removeprefix("torch.")
@@ -132,7 +133,7 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     return estimate_peak_memory(
-        **target_shape(target_config),
+        **target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size),
         draft_vocab_size=draft_vocab_size,
         tokens_per_batch=tokens,
         ttt_steps=args.ttt_steps,

@@ -28,8 +28,10 @@ calibrated with ``bench/bench_train.py --memory-model``, where 2 x left the esti
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 from eagle3.config import QWEN3_CONFIGS
+from eagle3.config import draft_intermediate_size as draft_mlp
 
 GIB = 2**30
 
@@ -101,12 +103,14 @@ TARGET_SHAPE_KEYS = (
 )
 
 
-def target_shape(config) -> dict[str, int]:
-    """The ``DraftShape`` sizes a target's config decides (a transformers config or a plain dict;
-    ``head_dim`` defaults to hidden / heads as in transformers)."""
+def target_shape(config, draft_intermediate_size: int | None = None) -> dict[str, int]:
+    """The ``DraftShape`` sizes a target's (text) config decides (a transformers config or a plain
+    dict; ``head_dim`` defaults to hidden / heads as in transformers; the MLP width is the draft's,
+    which an MoE target without ``intermediate_size`` does not name: ``draft_intermediate_size``)."""
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
     shape = {key: get(key) for key in TARGET_SHAPE_KEYS}
     shape["head_dim"] = shape["head_dim"] or shape["hidden_size"] // shape["num_attention_heads"]
+    shape["intermediate_size"] = draft_mlp(SimpleNamespace(**shape), draft_intermediate_size)
     return shape
 
 

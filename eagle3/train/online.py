@@ -16,11 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from eagle3.collect.hf import capture_states
 from eagle3.config import parse_layers
+from eagle3.families import load_text_model
+from eagle3.target import load_target_config, target_family
 
 ONLINE_DATA_DIR = "online_data"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,7 +54,8 @@ class OnlineTarget:
         self.dtype = dtype
         self.layers = list(layers)
         with _without_zero3_init():
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map={"": self.device})
+            family = target_family(load_target_config(model))
+            self.model = load_text_model(model, family, dtype=dtype, device_map={"": self.device})
         self.model.requires_grad_(False).eval()
 
     def __call__(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:

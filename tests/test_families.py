@@ -1,0 +1,146 @@
+"""Every Qwen3-family architecture, in its published layouts: training sees the target's own
+distribution, the draft's rope is the one vLLM builds, and collect -> train -> check works.
+
+Targets are tiny random-weight checkpoints saved by transformers' own classes
+(``eagle3.testing.build_family_target``); their norms are random so that reading the final norm
+with the wrong convention (x * w for Qwen3-Next / Qwen3.5's x * (1 + w)) shows at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle3.collect.cli import main as collect_main
+from eagle3.collect.hf import capture_states
+from eagle3.config import Eagle3Qwen3Config
+from eagle3.export.check import check_draft, errors
+from eagle3.export.numerics import rope_problems, target_distribution_problems
+from eagle3.families import UnknownTargetError, decoder_layers, load_text_model
+from eagle3.target import TargetHead, load_target_config, target_family
+from eagle3.testing import FAMILY_TARGETS, family_target, synthetic_conversations, write_jsonl
+from eagle3.train.args import parse_args
+from eagle3.train.main import train
+
+# (name, tied): every architecture, plus Qwen3.5's tied nested layout (Qwen3.5-4B ships so).
+TARGETS = [(name, False) for name in FAMILY_TARGETS] + [("qwen3_5", True)]
+IDS = [f"{name}{'-tied' if tied else ''}" for name, tied in TARGETS]
+
+
+@pytest.fixture(scope="module", params=TARGETS, ids=IDS)
+def target(request) -> Path:
+    name, tied = request.param
+    return family_target(name, tied=tied)
+
+
+def _chat_ids(target: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    messages = synthetic_conversations(1, seed=5, turns=2)[0]["messages"]
+    return torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)])
+
+
+def test_training_target_distribution_is_the_models_own(target):
+    """The collection capture + training's norm and head give the model's own logits, every position."""
+    config = load_target_config(target)
+    model = load_text_model(str(target), target_family(config), dtype=torch.float32).eval()
+    ids = _chat_ids(target)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    _, last = capture_states(model, [0], ids, torch.ones_like(ids), torch.float32)
+    ours = TargetHead.from_pretrained(target).logits(last[0])
+    assert (ours.argmax(-1) == logits.argmax(-1)).all()
+    assert float((ours - logits).abs().max()) < 1e-3
+    assert len(decoder_layers(model)) == config.num_hidden_layers  # linear-attention layers counted too
+
+
+def test_the_old_norm_convention_is_caught(target):
+    """``eagle3 check``'s numeric test: planting x * w where the family is x * (1 + w) (and the
+    reverse) makes it fail with a message that says so."""
+    head = TargetHead.from_pretrained(target)
+    assert target_distribution_problems({"target_final_norm": _convention(head)}, target, head) == []
+    head.zero_centred_norm = not head.zero_centred_norm
+    problems = target_distribution_problems({"target_final_norm": _convention(head)}, target, head)
+    assert any("target distribution differs" in p.what for p in problems)
+    assert any("retrain" in p.fix or "families.py" in p.fix for p in problems)
+
+
+def _convention(head: TargetHead) -> str:
+    return "zero_centred" if head.zero_centred_norm else "standard"
+
+
+def test_draft_config_for_the_family(target):
+    """The draft's rope is full-rotary with the target's theta (what vLLM builds from it equals what
+    training uses), its dtype and MLP width come from the target, its norm convention is recorded."""
+    config = load_target_config(target)
+    draft = Eagle3Qwen3Config.from_target_config(config)
+    saved = draft.to_dict()
+    assert not {"partial_rotary_factor", "mrope_section", "mrope_interleaved"} & set(saved["rope_parameters"])
+    assert saved["rope_parameters"]["rope_theta"] == config.rope_parameters["rope_theta"]
+    assert rope_problems(saved) == []
+    assert saved["dtype"] == "float32"
+    moe_default = (3 * config.hidden_size + 255) // 256 * 256  # 3 x hidden, rounded up to 256
+    assert saved["intermediate_size"] == (getattr(config, "intermediate_size", None) or moe_default)
+    family = target_family(config)
+    assert saved["target_final_norm"] == ("zero_centred" if family.zero_centred_norm else "standard")
+
+
+def test_the_old_rope_is_caught():
+    """A draft config carrying the target's partial rotary / mrope keys (what training wrote
+    before) makes vLLM build a rope training never used: check says which."""
+    target = family_target("qwen3_5")
+    saved = Eagle3Qwen3Config.from_target_config(load_target_config(target)).to_dict()
+    saved["rope_parameters"] = dict(saved["rope_parameters"], partial_rotary_factor=0.25)
+    problems = rope_problems(saved)
+    assert problems and "rotary_dim 16 of head_dim 64" in problems[0].what
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_attention_heads=1, num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(UnknownTargetError, match="model_type 'llama' is not a Qwen3-family"):
+        load_target_config(tmp_path)
+    problems = check_draft(tmp_path, tmp_path)  # the draft folder does not matter: the target is refused first
+    assert problems and "not a Qwen3-family" in " ".join(p.what for p in problems)
+
+
+def test_check_fails_on_a_draft_trained_before_the_norm_was_known(tmp_path):
+    """A draft without ``target_final_norm`` for a zero-centred target is one trained against the
+    wrong distribution (by an earlier version): check says so; for dense Qwen3 it is fine."""
+    from eagle3.cli import new_draft
+
+    for name, bad in (("qwen3_5", True), ("qwen3_moe", False)):
+        target = family_target(name)
+        draft = new_draft(target, tmp_path / name)
+        config = json.loads((draft / "config.json").read_text())
+        assert errors(check_draft(draft, target)) == []
+        config.pop("target_final_norm")
+        (draft / "config.json").write_text(json.dumps(config))
+        messages = " ".join(p.what for p in errors(check_draft(draft, target)))
+        assert ("does not record which final-norm convention" in messages) == bad
+
+
+@pytest.mark.parametrize(("name", "tied"), TARGETS, ids=IDS)
+def test_collect_train_check(name, tied, tmp_path, capsys):
+    """The documented pipeline on each architecture: collect (hf) -> train -> check."""
+    target = family_target(name, tied=tied)
+    data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(6, seed=2))
+    collect_main(
+        ["--model", str(target), "--dataset", str(data), "--output-dir", str(tmp_path / "data")]
+        + ["--max-new-tokens", "8", "--batch-size", "6", "--quiet"]
+    )
+    output_dir = tmp_path / "out"
+    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(output_dir), "--max_steps", "2"]
+    argv += ["--eval-ratio", "0", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none"]
+    argv += ["--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "2"]
+    argv += ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "2"]
+    train(parse_args(argv))
+    best = output_dir / "best_model"
+    assert errors(check_draft(best, target)) == [], check_draft(best, target)
+    config = json.loads((best / "config.json").read_text())
+    assert config["target_final_norm"] == ("zero_centred" if name.startswith(("qwen3_next", "qwen3_5")) else "standard")
