@@ -77,9 +77,14 @@ def server_command(
     host: str | None = None,
     extra_args: str = "",
     max_model_len: int | None = None,
+    hybrid: bool = False,
 ) -> list[str]:
     """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags,
-    a ``--max-model-len`` there wins over ``max_model_len``)."""
+    a ``--max-model-len`` there wins over ``max_model_len``).
+
+    ``hybrid`` (Qwen3-Next / Qwen3.5: linear-attention layers): vLLM 0.32 turns prefix caching on
+    for these in its "align" mode, which requires chunked prefill (and a Triton kernel); captures
+    need neither (each request is prefilled whole, once), so prefix caching is switched off."""
     import json
     import shlex
 
@@ -100,6 +105,8 @@ def server_command(
         command += ["--host", host]
     if max_model_len is not None and not any(a.split("=")[0] == "--max-model-len" for a in extra):
         command += ["--max-model-len", str(max_model_len)]
+    if hybrid:
+        command.append("--no-enable-prefix-caching")
     return command + [
         "--no-enable-chunked-prefill",
         "--speculative-config",
@@ -126,7 +133,7 @@ def served_max_length(max_length: int, config) -> int:
 
 def server_command_for(args: CollectArgs) -> list[str]:
     from eagle3.collect.loop import resolve_layers
-    from eagle3.target import load_target_config
+    from eagle3.target import load_target_config, target_family
 
     config = load_target_config(args.model)
     layers = resolve_layers(args, config.num_hidden_layers)
@@ -139,6 +146,7 @@ def server_command_for(args: CollectArgs) -> list[str]:
         host=args.host,
         extra_args=args.server_args,
         max_model_len=served_max_length(args.max_length, config) + 1,
+        hybrid=target_family(config).hybrid,
     )
 
 
@@ -248,6 +256,8 @@ class VllmBackend:
     def _command_hint(self) -> str:
         import shlex
 
+        from eagle3.target import load_target_config, target_family
+
         command = server_command(
             self.args.model,
             self.capture_ids,
@@ -255,6 +265,7 @@ class VllmBackend:
             port=self.args.port,
             extra_args=self.args.server_args,
             max_model_len=self.args.max_length + 1,
+            hybrid=target_family(load_target_config(self.args.model)).hybrid,
         )
         return f"start it with (see also --print-server-command):\n  {shlex.join(command)}"
 

@@ -61,6 +61,12 @@ def _spec_decode_counters(metrics) -> dict:
     return counters
 
 
+def _is_hybrid(model: str) -> bool:
+    from eagle3.target import load_target_config, target_family
+
+    return target_family(load_target_config(model)).hybrid
+
+
 def run_vllm(
     model: str,
     prompts: list[str] | list[list[int]],
@@ -98,6 +104,11 @@ def run_vllm(
             from eagle3.evaluate import vllm_cpu_fix
 
             extra["worker_extension_cls"] = f"{vllm_cpu_fix.__name__}.{vllm_cpu_fix.CpuRejectionSamplerFix.__name__}"
+    if _is_hybrid(model):
+        # vLLM 0.32 turns prefix caching on for hybrid (linear-attention) models in its "align"
+        # mode, whose state copies are a Triton kernel (none on CPU). Prefix caching does not
+        # change what is generated or accepted, so measure without it.
+        extra["enable_prefix_caching"] = False
     llm = LLM(
         model=model,
         speculative_config=speculative_config,
