@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from eagle3.config import Eagle3Qwen3Config
 from eagle3.target import TargetHead
-from eagle3.train.loss import TargetProjector, count_items, metrics_from_stats, step_loss, ttt_loss
+from eagle3.train.loss import (
+    STATS_PER_STEP,
+    TargetProjector,
+    count_items,
+    metrics_from_stats,
+    step_loss,
+    ttt_loss,
+)
 from eagle3.train.model import Eagle3DraftForTraining
 
 H, V, VD, T = 64, 96, 48, 12
@@ -217,3 +224,38 @@ def test_decoding_rounds_walk_answers_as_speculation_does():
     # k=3: answer 1 (positions 1..6) rounds at 2 (keeps 2) and 5 (keeps 3); answer 2 (8..10) at 9 (keeps 1)
     # k=1: rounds at 2, 4, 6 (keeps 1, 1, 0) and 9 (keeps 1)
     assert decoding_rounds(answer, runs, (3, 1)).tolist() == [6, 3, 3, 4]
+
+
+@pytest.mark.parametrize("head_checkpointing", [False, True])
+def test_a_batch_shorter_than_the_unroll_still_runs_every_step(head_checkpointing):
+    """Under ZeRO-3 every process must make the same module calls, whatever its batch's length:
+    the steps past the end run on no positions and add nothing to the loss or the stats."""
+    short, steps = 4, 6  # positions t have targets for steps 0..short-2 only
+    draft, head = _draft(steps=steps), _head()
+    batch = _batch()
+    ids, aux, last, mask = (batch[key][:, :short] for key in ("input_ids", "aux", "last", "mask"))
+    target = TargetProjector(head, draft.draft_to_target_ids())(last, mask, ids)
+    calls = {"midlayer": 0, "lm_head": 0}
+    hooks = [
+        getattr(draft, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name in calls
+    ]
+    loss, stats = ttt_loss(
+        draft, ids, aux, target, steps, 0.8, head_checkpointing, loss_type="lk_lambda", num_items=count_items(mask)
+    )
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls["midlayer"] == steps
+    assert calls["lm_head"] == steps * (2 if head_checkpointing else 1)  # recomputed in backward
+    assert torch.isfinite(loss) and draft.fc.weight.grad is not None and torch.isfinite(draft.fc.weight.grad).all()
+    # The same numbers as an unroll that stops where the targets end (what the old early exit gave).
+    defined = short - 1
+    reference, reference_stats = ttt_loss(
+        draft, ids, aux, target, defined, 0.8, head_checkpointing, loss_type="lk_lambda", num_items=count_items(mask)
+    )
+    torch.testing.assert_close(loss, reference)
+    per_step = STATS_PER_STEP * defined
+    torch.testing.assert_close(stats[:per_step], reference_stats[:per_step])
+    assert not stats[per_step : STATS_PER_STEP * steps].any()
+    assert stats[-1] == reference_stats[-1]

@@ -225,10 +225,12 @@ def ttt_loss(
     run_length = torch.zeros_like(run, dtype=torch.long) if evaluating else None
     for i in range(steps):
         normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
-        n = length - 1 - i  # positions t whose target s = t + 1 + i exists
-        if n <= 0:
-            break
-        probs, valid = target.probs[:, 1 + i :], target.valid[:, 1 + i :]
+        # Positions t whose target s = t + 1 + i exists. In a batch shorter than the unroll there are
+        # none for the last steps: they still run (on no positions, adding 0 to loss and stats), so
+        # every process makes the same module calls whatever its batch (ZeRO-3 gathers the
+        # parameters per call and hangs when ranks differ).
+        n = max(length - 1 - i, 0)
+        probs, valid = target.probs[:, 1 + i : 1 + i + n], target.valid[:, 1 + i : 1 + i + n]
         if head_checkpointing and torch.is_grad_enabled():
             ce_sum, pred = checkpoint(_head_loss, draft, normed[:, :n], probs, valid, loss_type, use_reentrant=False)
         else:
@@ -236,7 +238,7 @@ def ttt_loss(
         count = valid.sum()
         denominator = count.clamp(min=1) if num_items is None else torch.as_tensor(num_items).clamp(min=1)
         loss = loss + decay**i * ce_sum / denominator
-        hits = (pred == target.pred[:, 1 + i :]) & valid
+        hits = (pred == target.pred[:, 1 + i : 1 + i + n]) & valid
         # Consecutive-run estimator: a position keeps its run while every step so far was a hit.
         # Step i >= 1 was fed the DATA token x_{t+1+i}; speculative decoding would have fed the
         # draft's (accepted = the target's greedy) token. Where the two differ (data not generated
