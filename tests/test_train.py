@@ -297,6 +297,28 @@ def test_mismatches_stop_before_any_work_with_a_clear_message(
     assert not (tmp_path / "out").exists()
 
 
+def test_several_gpus_in_one_process_are_refused_before_training(
+    data_dir, trained_target, tmp_path, capsys, monkeypatch
+):
+    """`python run_train.py` on a node with 2 visible GPUs: transformers would use nn.DataParallel."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST])
+    message = capsys.readouterr().err
+    assert code == 2
+    for text in (
+        "2 GPUs",
+        "DataParallel",
+        "torchrun --nproc_per_node 2",
+        "accelerate launch",
+        "CUDA_VISIBLE_DEVICES=0",
+    ):
+        assert text in message, message
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
+
+
 def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):
     args = parse_args(
         "--data-dir d --filter-rank 0 --no-deduplicate --output-dir o --base-model m "

@@ -149,9 +149,23 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
     )
 
 
+def check_one_process_per_device(args: Eagle3TrainingArguments) -> None:
+    """Refuse several GPUs in one process: transformers would wrap the draft in nn.DataParallel,
+    which cannot split the step's token count (a 0-dim tensor) and concatenates the per-replica
+    statistics, so the loss scale and every metric would be wrong."""
+    if args.n_gpu > 1:
+        raise Eagle3ConfigError(
+            f"{args.n_gpu} GPUs are visible to this single process, and transformers would train with "
+            "nn.DataParallel, which EAGLE-3 training does not support. Start one process per GPU: "
+            f"`torchrun --nproc_per_node {args.n_gpu} run_train.py ...` or `accelerate launch --num_processes "
+            f"{args.n_gpu} run_train.py ...`; for one GPU, run with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (none without an eval split), the training
     loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
+    check_one_process_per_device(args)  # before the online answers or any data is read
     if args.online and args.dataset:
         args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
