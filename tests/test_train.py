@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from eagle3.export.check import check_draft
 from eagle3.train.args import parse_args
 from eagle3.train.cli import main as run_train_main
-from eagle3.train.main import train
+from eagle3.train.main import resolve_resume, train
 
 try:
     from tests.train_data import cached_store, wandb_offline_records
@@ -317,6 +317,39 @@ def test_several_gpus_in_one_process_are_refused_before_training(
     ):
         assert text in message, message
     assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("last", ["--resume_from_checkpoint last", "no checkpoint-N folder", "Drop --resume_from_checkpoint"]),
+        ("True", ["--resume_from_checkpoint True", "no checkpoint-N folder"]),
+        ("{out}/checkpoint-7", ["checkpoint-7", "not a Trainer checkpoint folder"]),
+    ],
+)
+def test_resume_without_a_checkpoint_stops_before_training(data_dir, trained_target, tmp_path, capsys, value, expected):
+    """Without the check, `last` with an empty --output-dir silently trained from step 0."""
+    out = tmp_path / "out"
+    out.mkdir()  # an earlier run's folder without checkpoints (e.g. --save_strategy no)
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(out), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST, "--max_steps", "1", "--resume_from_checkpoint", value.format(out=out)])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    for text in expected:
+        assert text in message, message
+    assert list(out.iterdir()) == []  # nothing trained, nothing saved
+
+
+def test_resume_last_picks_the_newest_checkpoint(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    for value in ("last", "true"):
+        args = parse_args(["--output-dir", str(tmp_path), "--resume_from_checkpoint", value, "--report_to", "none"])
+        assert resolve_resume(args) == str(tmp_path / "checkpoint-10")
+    given = str(tmp_path / "checkpoint-2")
+    assert resolve_resume(parse_args(["--resume_from_checkpoint", given, "--report_to", "none"])) == given
+    assert resolve_resume(parse_args(["--report_to", "none"])) is None
 
 
 def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):

@@ -162,10 +162,39 @@ def check_one_process_per_device(args: Eagle3TrainingArguments) -> None:
         )
 
 
+LAST_CHECKPOINT = ("true", "last")  # --resume_from_checkpoint values meaning "the newest in --output-dir"
+
+
+def resolve_resume(args: Eagle3TrainingArguments) -> str | None:
+    """The checkpoint folder to resume from, checked now: transformers would only find a wrong one
+    after the data is read, and with ``last`` and no checkpoint it would silently start at step 0."""
+    resume = args.resume_from_checkpoint
+    if resume is None or resume is False or resume == "":
+        return None
+    flag = f"--resume_from_checkpoint {resume}"
+    if resume is True or str(resume).lower() in LAST_CHECKPOINT:
+        output_dir = Path(args.output_dir)
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise Eagle3ConfigError(
+                f"{flag}: no checkpoint-N folder in --output-dir {output_dir} to resume from. Drop "
+                "--resume_from_checkpoint to start a new run, or pass the --output-dir of the run to continue "
+                "(or a checkpoint folder itself)."
+            )
+        return last
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise Eagle3ConfigError(
+            f"{flag}: not a Trainer checkpoint folder (no trainer_state.json there). Pass a checkpoint-N folder "
+            "of an earlier run, or `last` for the newest one in --output-dir."
+        )
+    return str(resume)
+
+
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (none without an eval split), the training
     loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
     check_one_process_per_device(args)  # before the online answers or any data is read
+    resume = resolve_resume(args)
     if args.online and args.dataset:
         args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
@@ -260,9 +289,6 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
             else None
         ),
     )
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = get_last_checkpoint(args.output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     timing = {"train_runtime": train_output.metrics.get("train_runtime", 0.0), "data_wait": trainer.data_wait_seconds}
 
