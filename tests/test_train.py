@@ -97,7 +97,7 @@ def trained_run(data_dir, trained_target, tmp_path_factory):
         "eagle3-tiny",
     ]
     with (
-        mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}),
+        mock.patch.dict(os.environ, {"WANDB_MODE": "offline", "HF_TOKEN": "hf_test"}),  # logged in
         mock.patch.object(HfApi, "create_repo", create_repo),
         mock.patch.object(HfApi, "create_commit", create_commit),
         mock.patch.object(HfApi, "whoami", whoami),
@@ -350,6 +350,28 @@ def test_resume_last_picks_the_newest_checkpoint(tmp_path):
     given = str(tmp_path / "checkpoint-2")
     assert resolve_resume(parse_args(["--resume_from_checkpoint", given, "--report_to", "none"])) == given
     assert resolve_resume(parse_args(["--report_to", "none"])) is None
+
+
+@pytest.mark.parametrize(
+    ("hub_model_id", "login", "expected"),
+    [
+        ("org/eagle3-tiny", False, ["--push_to_hub", "no Hugging Face token", "huggingface-cli login", "HF_TOKEN"]),
+        ("org/eagle3/tiny", True, ["--hub_model_id org/eagle3/tiny", "not a Hub repo id", "OWNER/NAME"]),
+    ],
+)
+def test_push_to_hub_without_a_login_or_with_a_bad_id_stops_before_training(
+    data_dir, trained_target, tmp_path, capsys, no_hf_login, monkeypatch, hub_model_id, login, expected
+):
+    """Without the check the upload failed at the very end, after all the training."""
+    if login:
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST, "--max_steps", "1", "--push_to_hub", "--hub_model_id", hub_model_id])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    for text in expected:
+        assert text in message, message
+    assert not (tmp_path / "out").exists()
 
 
 def test_recipe_flags_and_config_file_map_onto_training_arguments(tmp_path):

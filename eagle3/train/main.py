@@ -190,24 +190,30 @@ def resolve_resume(args: Eagle3TrainingArguments) -> str | None:
     return str(resume)
 
 
+def hub_repo_id(args: Eagle3TrainingArguments) -> str | None:
+    """With --push_to_hub, the repo the draft goes to, settled before training: the card names it,
+    and a missing login or a malformed id fails now, not after hours of training. Only the main
+    process talks to the Hub."""
+    if not (args.push_to_hub and args.should_save):
+        return args.hub_model_id
+    from eagle3.export.hub import require_token, resolve_repo_id
+
+    try:
+        token = require_token(args.hub_token, "--push_to_hub")
+        return resolve_repo_id(args.hub_model_id, args.output_dir, token)
+    except ValueError as error:
+        raise Eagle3ConfigError(str(error)) from None
+
+
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (none without an eval split), the training
     loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
     check_one_process_per_device(args)  # before the online answers or any data is read
     resume = resolve_resume(args)
+    repo_id = hub_repo_id(args)
     if args.online and args.dataset:
         args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
-    # The Hub id is settled before training (the card names it; a missing login fails now, not
-    # after hours of training). Only the main process talks to the Hub.
-    repo_id = args.hub_model_id
-    if args.push_to_hub and args.should_save:
-        from eagle3.export.hub import resolve_repo_id
-
-        try:
-            repo_id = resolve_repo_id(args.hub_model_id, args.output_dir, args.hub_token)
-        except ValueError as error:
-            raise Eagle3ConfigError(str(error)) from None
     if "wandb" in args.report_to:  # keep the (offline) run next to the model it describes
         os.environ.setdefault("WANDB_DIR", str(Path(args.output_dir).absolute()))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
