@@ -195,3 +195,53 @@ def test_info_logs_come_from_the_main_process_only(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert output.count("info from rank 0") == 1 and "info from rank 1" not in output, output[-3000:]
     assert "warning from rank 0" in output and "warning from rank 1" in output
+
+
+@pytest.fixture
+def deepspeed_config_cleanup():
+    """Parsing a DeepSpeed config registers it globally in transformers (is_deepspeed_zero3_enabled):
+    unregister it so later tests in this process do not load models as under ZeRO-3."""
+    yield
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize("yaml_name", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_find_their_deepspeed_json_from_any_directory(
+    yaml_name, tmp_path, monkeypatch, deepspeed_config_cleanup
+):
+    """`accelerate launch --config_file /path/to/repo/accelerate_configs/X.yaml` from another directory:
+    accelerate passes the YAML's relative ds_configs/*.json on as it is (ACCELERATE_DEEPSPEED_CONFIG_FILE)."""
+    import json
+
+    import yaml
+
+    config = yaml.safe_load((REPO / "accelerate_configs" / yaml_name).read_text())
+    if config["distributed_type"] != "DEEPSPEED":
+        pytest.skip(f"{yaml_name} does not use DeepSpeed")
+    relative = config["deepspeed_config"]["deepspeed_config_file"]
+    assert not Path(relative).is_absolute()
+    monkeypatch.chdir(tmp_path)  # not the repo root
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for the process
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", relative)
+    args = parse_train(["--report_to", "none"])
+    expected = json.loads((REPO / relative).read_text())["zero_optimization"]["stage"]
+    assert args.deepspeed_plugin.hf_ds_config.config["zero_optimization"]["stage"] == expected
+
+
+def test_deepspeed_flag_finds_the_shipped_json_from_any_directory(
+    tmp_path, monkeypatch, capsys, deepspeed_config_cleanup
+):
+    monkeypatch.chdir(tmp_path)
+    args = parse_train(["--deepspeed", "ds_configs/zero2.json", "--report_to", "none"])
+    assert Path(args.deepspeed) == REPO / "ds_configs" / "zero2.json"
+    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    (tmp_path / "ds_configs").mkdir()  # a file of the same name in the working directory still wins
+    (tmp_path / "ds_configs" / "zero2.json").write_text((REPO / "ds_configs" / "zero3.json").read_text())
+    assert (
+        parse_train(["--deepspeed", "ds_configs/zero2.json", "--report_to", "none"]).deepspeed
+        == "ds_configs/zero2.json"
+    )
+    message = exit_message(parse_train, ["--deepspeed", "ds_configs/zero9.json", "--report_to", "none"], capsys)
+    assert "--deepspeed ds_configs/zero9.json: no such file" in message and "absolute path" in message

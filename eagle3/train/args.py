@@ -16,12 +16,17 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.config import DEFAULT_MAX_LENGTH
+
+# The checkout holding this package: accelerate_configs/*.yaml name ds_configs/*.json relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # set by `accelerate launch` from the YAML
 
 EAGLE3_SECTION = "EAGLE-3 options"
 CHANGED_DEFAULTS_SECTION = "training options with EAGLE-3 defaults (recipe aliases)"
@@ -257,10 +262,22 @@ class Eagle3TrainingArguments(TrainingArguments):
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError(f"--max-tokens-per-batch must be >= 1, got {self.max_tokens_per_batch}")
-        super().__post_init__()
+        self._resolve_deepspeed_configs()
+        super().__post_init__()  # reads the DeepSpeed config (--deepspeed or accelerate's environment)
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
             self.metric_for_best_model = None
+
+    def _resolve_deepspeed_configs(self) -> None:
+        """Find a relative DeepSpeed JSON from any working directory: the shipped accelerate YAMLs
+        (and the docs' ``--deepspeed ds_configs/zero2.json``) name ds_configs/ relative to the repo."""
+        if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):  # not an inline/base64 config
+            self.deepspeed = find_deepspeed_config(self.deepspeed, f"--deepspeed {self.deepspeed}")
+        env = os.environ.get(DEEPSPEED_CONFIG_ENV, "")
+        if self.deepspeed is None and env.endswith(".json"):
+            os.environ[DEEPSPEED_CONFIG_ENV] = find_deepspeed_config(
+                env, f"the accelerate config's deepspeed_config_file {env} ({DEEPSPEED_CONFIG_ENV})"
+            )
 
     @property
     def base_model(self) -> str | None:
@@ -277,6 +294,20 @@ class Eagle3TrainingArguments(TrainingArguments):
         if self.filter_rank is None or str(self.filter_rank) == "":
             return None
         return [int(r) for r in str(self.filter_rank).split(",") if r != ""]
+
+
+def find_deepspeed_config(path: str, what: str) -> str:
+    """``path`` as given when it exists (relative to the working directory, as before), else the
+    same relative path in this checkout (accelerate_configs/ and ds_configs/ live there)."""
+    if Path(path).is_file():
+        return path
+    in_repo = REPO_ROOT / path
+    if not Path(path).is_absolute() and in_repo.is_file():
+        return str(in_repo)
+    raise ValueError(
+        f"{what}: no such file in the working directory {Path.cwd()} or in {REPO_ROOT}. Give the JSON's "
+        "absolute path (the shipped ones are in ds_configs/ of the eagle3-qwen3 checkout)."
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Eagle3TrainingArguments:
