@@ -259,3 +259,44 @@ def test_a_batch_shorter_than_the_unroll_still_runs_every_step(head_checkpointin
     torch.testing.assert_close(stats[:per_step], reference_stats[:per_step])
     assert not stats[per_step : STATS_PER_STEP * steps].any()
     assert stats[-1] == reference_stats[-1]
+
+
+def test_lk_eta_scales_the_acceptance_in_the_kl_weight():
+    """w = exp(-eta * mean alpha): the LK paper's eta is 3; the default 1.0 is the earlier weight."""
+    logits, probs, valid = _logits_and_target()
+    q = logits.softmax(-1)
+    alpha = torch.minimum(probs, q).sum(-1)
+    kl = (probs * (probs.log() - q.log())).sum(-1)
+    mean_alpha = alpha[valid].mean().detach()
+    for eta in (0.0, 1.0, 3.0):
+        w = torch.exp(-eta * mean_alpha)
+        expected = ((w * kl + (1 - w) * (1 - alpha)) * valid).sum()
+        assert torch.allclose(step_loss(logits, probs, valid, "lk_lambda", lk_eta=eta), expected, atol=1e-5)
+    assert torch.equal(step_loss(logits, probs, valid, "lk_lambda"), step_loss(logits, probs, valid, "lk_lambda", 1.0))
+    assert torch.allclose(step_loss(logits, probs, valid, "lk_lambda", lk_eta=0.0), (kl * valid).sum(), atol=1e-5)
+
+
+def test_lk_eta_reaches_the_training_forward(random_target):
+    """--lk-eta travels from the command line through build_draft into every TTT step's loss."""
+    from eagle3.target import load_target_config
+    from eagle3.train.args import parse_args
+    from eagle3.train.main import Plan, build_draft
+
+    head = TargetHead.from_pretrained(random_target)
+    plan = Plan(base_model=str(random_target), target_config=load_target_config(random_target), target_layers=[1, 3, 4])
+    draft_ids = torch.arange(head.lm_head.shape[0])  # full vocabulary: every position is valid
+    losses = {}
+    for eta in ("1", "3"):
+        args = parse_args(["--lk-eta", eta, "--ttt-steps", "2", "--report_to", "none"])
+        draft = build_draft(args, plan, head, draft_ids)
+        assert draft.lk_eta == float(eta)
+        torch.manual_seed(0)
+        ids = torch.randint(0, head.lm_head.shape[0], (1, 10))
+        hidden = plan.target_config.hidden_size
+        aux, last = torch.randn(1, 10, 3 * hidden), torch.randn(1, 10, hidden)
+        target = TargetProjector(head, draft_ids)(last, torch.ones(1, 10, dtype=torch.bool), ids)
+        outputs = draft(ids, aux, target.probs, target.pred, target.valid, target.assistant, target.greedy)
+        reference, _ = ttt_loss(draft, ids, aux, target, 2, 0.8, loss_type="lk_lambda", lk_eta=float(eta))
+        torch.testing.assert_close(outputs.loss, reference)
+        losses[eta] = outputs.loss
+    assert not torch.allclose(losses["1"], losses["3"])

@@ -176,9 +176,18 @@ class Eagle3TrainingArguments(TrainingArguments):
         default="lk_lambda",
         metadata={
             "help": "Per-step loss against the target distribution p: lk_lambda (default; acceptance-aware, "
-            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-mean acceptance)), soft_ce (the recipe, "
+            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-lk_eta * mean acceptance)), soft_ce (the recipe, "
             "-sum p log q) or forward_kl (KL(p||q): soft_ce minus the target's entropy, same gradient)",
             "choices": ["soft_ce", "forward_kl", "lk_lambda"],
+        },
+    )
+    lk_eta: float = field(
+        default=1.0,
+        metadata={
+            "help": "With --loss lk_lambda: the KL weight is exp(-lk_eta * mean acceptance). The LK paper "
+            "(arXiv 2602.23881) uses 3; 1.0 keeps this toolkit's earlier behaviour until a benchmark picks "
+            "the default.",
+            "aliases": ["--lk_eta"],
         },
     )
     head_checkpointing: bool = field(
@@ -256,6 +265,13 @@ class Eagle3TrainingArguments(TrainingArguments):
             self.dataloader_num_workers = 2
         if self.online and self.dataset and not self.model:
             raise ValueError("--online --dataset needs --model (the target that answers and computes the states)")
+        if self.lk_eta < 0:
+            raise ValueError(f"--lk-eta must be >= 0 (the LK paper uses 3), got {self.lk_eta}")
+        if self.lk_eta != 1.0 and self.loss != "lk_lambda":
+            raise ValueError(
+                f"--lk-eta {self.lk_eta} is for --loss lk_lambda, but --loss is {self.loss}: drop --lk-eta "
+                "or use --loss lk_lambda"
+            )
         if not 0.0 <= self.eval_ratio < 1.0:
             raise ValueError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
         if self.max_length < 2:

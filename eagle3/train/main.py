@@ -115,7 +115,7 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         with torch.no_grad():
             draft.lm_head.weight.copy_(head.lm_head[draft_ids].float())
     draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
-    draft.loss_type = args.loss
+    draft.loss_type, draft.lk_eta = args.loss, args.lk_eta
     return draft
 
 
