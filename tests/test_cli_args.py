@@ -253,3 +253,35 @@ def test_lk_eta_is_for_the_lk_loss_only(capsys):
     message = exit_message(parse_train, ["--lk-eta", "3", "--loss", "soft_ce", "--report_to", "none"], capsys)
     assert "--lk-eta 3.0 is for --loss lk_lambda" in message and "--loss is soft_ce" in message
     assert "--lk-eta must be >= 0" in exit_message(parse_train, ["--lk-eta", "-1", "--report_to", "none"], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--online-dtype", "bf16"], ["--online-dtype bf16 is for --online", "add --online"]),
+        (
+            ["--online", "--server-url", "http://h:8000", "--online-dtype", "fp16"],
+            ["--online-dtype fp16 has no effect with --server-url"],
+        ),
+        (["--hidden-states-dir", "/dev/shm/h"], ["--hidden-states-dir /dev/shm/h is for --server-url"]),
+        (["--online", "--hidden-states-dir", "/dev/shm/h"], ["--hidden-states-dir /dev/shm/h is for --server-url"]),
+        (
+            ["--max-tokens-per-batch", "4096", "--train_sampling_strategy", "random"],
+            ["--train_sampling_strategy random has no effect with --max-tokens-per-batch"],
+        ),
+    ],
+)
+def test_flags_of_another_mode_are_refused_not_ignored(argv, expected, capsys):
+    message = exit_message(parse_train, ["--data-dir", "d", "--report_to", "none", *argv], capsys)
+    for text in expected:
+        assert text in message, message
+
+
+def test_flags_of_their_own_mode_are_accepted():
+    base = ["--data-dir", "d", "--report_to", "none"]
+    online = parse_train([*base, "--online", "--online-dtype", "bf16"])
+    assert online.online_dtype == "bf16"
+    served = parse_train([*base, "--online", "--server-url", "http://h:8000", "--hidden-states-dir", "/dev/shm/h"])
+    assert served.hidden_states_dir == "/dev/shm/h"
+    budget = parse_train([*base, "--max-tokens-per-batch", "4096"])
+    assert budget.train_sampling_strategy == "group_by_length"

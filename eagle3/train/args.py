@@ -28,6 +28,8 @@ from eagle3.config import DEFAULT_MAX_LENGTH
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # set by `accelerate launch` from the YAML
 
+DEFAULT_HIDDEN_STATES_DIR = "/tmp/eagle3-hidden-states"
+
 EAGLE3_SECTION = "EAGLE-3 options"
 CHANGED_DEFAULTS_SECTION = "training options with EAGLE-3 defaults (recipe aliases)"
 TRAINER_SECTION = "transformers TrainingArguments"
@@ -101,7 +103,7 @@ class Eagle3TrainingArguments(TrainingArguments):
         },
     )
     hidden_states_dir: str = field(
-        default="/tmp/eagle3-hidden-states",
+        default=DEFAULT_HIDDEN_STATES_DIR,
         metadata={
             "help": "With --server-url: where the servers' connector writes per-request files (read and deleted "
             "at once; must be visible here).",
@@ -260,6 +262,7 @@ class Eagle3TrainingArguments(TrainingArguments):
             raise ValueError("--online: give either --dataset (chat data) or --data-dir (a run_collect.py store)")
         if self.server_url and not self.online:
             raise ValueError("--server-url is for --online training (states streamed from vLLM servers)")
+        self._refuse_flags_of_other_modes()
         if self.server_url and self.dataloader_num_workers == 0:
             # The workers are the prefetch queue: without them every batch waits for its capture.
             self.dataloader_num_workers = 2
@@ -283,6 +286,30 @@ class Eagle3TrainingArguments(TrainingArguments):
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
             self.metric_for_best_model = None
+
+    def _refuse_flags_of_other_modes(self) -> None:
+        """A flag that only another mode reads would be silently ignored: say so instead. A value
+        different from the default counts as given (the dataclass does not record what was typed)."""
+        if self.online_dtype != "auto" and not self.online:
+            raise ValueError(
+                f"--online-dtype {self.online_dtype} is for --online training (the target running inside "
+                "training); add --online or drop --online-dtype"
+            )
+        if self.online_dtype != "auto" and self.server_url:
+            raise ValueError(
+                f"--online-dtype {self.online_dtype} has no effect with --server-url (the vLLM servers run the "
+                "target, in the dtype they were started with); drop --online-dtype"
+            )
+        if self.hidden_states_dir != DEFAULT_HIDDEN_STATES_DIR and not self.server_url:
+            raise ValueError(
+                f"--hidden-states-dir {self.hidden_states_dir} is for --server-url (where the vLLM servers write "
+                "the states); add --online --server-url or drop --hidden-states-dir"
+            )
+        if self.max_tokens_per_batch is not None and self.train_sampling_strategy != "group_by_length":
+            raise ValueError(
+                f"--train_sampling_strategy {self.train_sampling_strategy} has no effect with --max-tokens-per-batch "
+                "(token-budget batches are packed by length and shuffled by their own sampler); drop one of them"
+            )
 
     def _resolve_deepspeed_configs(self) -> None:
         """Find a relative DeepSpeed JSON from any working directory: the shipped accelerate YAMLs
