@@ -4,6 +4,8 @@ eagle3 check DRAFT_DIR --model TARGET       strict vLLM contract check (exit 1 o
 eagle3 new-draft --model TARGET --output DIR [--layers 1,3,4] [--draft-arch qwen3|llama]
                  [--draft-variant eagle3|eagle3.1]
 eagle3 tiny-target DIR [--trained]           build the tiny local Qwen3 used by tests and the demo
+eagle3 push DRAFT_DIR --repo-id OWNER/NAME   upload a saved draft (e.g. OUTPUT_DIR/best_model) with its
+            [--private] [--revision BRANCH]  model card to the Hugging Face Hub (--dry-run: only list)
 """
 
 from __future__ import annotations
@@ -89,6 +91,51 @@ def _cmd_tiny_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from eagle3.export.hub import check_repo_id, push_draft, render_model_card, require_token, upload_files
+
+    draft_dir = Path(args.draft_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (draft_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{draft_dir}: no {name}; pass a folder run_train.py saved, e.g. OUTPUT_DIR/best_model."
+            )
+    if "/" not in args.repo_id:  # a bare name would need the network (whoami) to find its owner
+        raise Eagle3ConfigError(f"--repo-id {args.repo_id}: give OWNER/NAME, e.g. you/{args.repo_id}.")
+    try:
+        check_repo_id(args.repo_id, "--repo-id")
+        token = None if args.dry_run else require_token(args.token, "eagle3 push")
+    except ValueError as error:
+        raise Eagle3ConfigError(str(error)) from None
+    # The card names the repo in its serving snippet, so it is written for this repo id; the
+    # training metrics it shows come from eagle3_eval.json, which training saved next to the weights.
+    card = None if args.keep_card else render_model_card(draft_dir, _training_info(draft_dir), args.repo_id)
+    if args.dry_run:
+        names = {path.name for path in upload_files(draft_dir)}
+        if card is not None:
+            names.add("README.md")  # the card written for this repo id
+        print(f"would upload to https://huggingface.co/{args.repo_id} (dry run: nothing sent, nothing written):")
+        for name in sorted(names):
+            print(f"  {name}")
+        return 0
+    if card is not None:
+        (draft_dir / "README.md").write_text(card)
+    url = push_draft(
+        draft_dir, args.repo_id, token=token, private=args.private, revision=args.revision, commit_message=args.message
+    )
+    print(f"uploaded {draft_dir} to https://huggingface.co/{args.repo_id}: {url}")
+    return 0
+
+
+def _training_info(draft_dir: Path) -> dict:
+    import json
+
+    from eagle3.train.trainer import EVAL_METRICS_FILE
+
+    path = draft_dir / EVAL_METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
     # The same name as run_collect/run_train/run_eval; --target is this command's original spelling.
     parser.add_argument(
@@ -141,6 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write the target to")
     tiny.add_argument("--trained", action="store_true", help="train it briefly on synthetic chats (~1 min)")
     tiny.set_defaults(run=_cmd_tiny_target)
+
+    push = commands.add_parser(
+        "push", help="upload a saved draft with its model card to the Hugging Face Hub", formatter_class=defaults
+    )
+    push.add_argument("draft_dir", help="the draft folder run_train.py saved, e.g. OUTPUT_DIR/best_model")
+    push.add_argument("--repo-id", required=True, help="Hub repo OWNER/NAME (created if missing)")
+    push.add_argument("--token", help="Hub token (default: the one saved by `huggingface-cli login`, or HF_TOKEN)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", help="branch to push to (created if missing; default: main)")
+    push.add_argument("--message", default="Upload EAGLE-3 draft", help="commit message")
+    push.add_argument(
+        "--keep-card", action="store_true", help="upload the folder's README.md as it is instead of writing the card"
+    )
+    push.add_argument("--dry-run", action="store_true", help="check and list what would be uploaded; send nothing")
+    push.set_defaults(run=_cmd_push)
     return parser
 
 

@@ -79,3 +79,13 @@ def vllm_bench():
         return json.loads((workdir / "vllm.json").read_text())
 
     return run
+
+
+@pytest.fixture
+def no_hf_login(monkeypatch, tmp_path):
+    """No Hugging Face token anywhere: no HF_TOKEN, no saved login (the token file is redirected)."""
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))

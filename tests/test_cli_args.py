@@ -195,3 +195,93 @@ def test_info_logs_come_from_the_main_process_only(tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert output.count("info from rank 0") == 1 and "info from rank 1" not in output, output[-3000:]
     assert "warning from rank 0" in output and "warning from rank 1" in output
+
+
+@pytest.fixture
+def deepspeed_config_cleanup():
+    """Parsing a DeepSpeed config registers it globally in transformers (is_deepspeed_zero3_enabled):
+    unregister it so later tests in this process do not load models as under ZeRO-3."""
+    yield
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize("yaml_name", sorted(p.name for p in (REPO / "accelerate_configs").glob("*.yaml")))
+def test_accelerate_configs_find_their_deepspeed_json_from_any_directory(
+    yaml_name, tmp_path, monkeypatch, deepspeed_config_cleanup
+):
+    """`accelerate launch --config_file /path/to/repo/accelerate_configs/X.yaml` from another directory:
+    accelerate passes the YAML's relative ds_configs/*.json on as it is (ACCELERATE_DEEPSPEED_CONFIG_FILE)."""
+    import json
+
+    import yaml
+
+    config = yaml.safe_load((REPO / "accelerate_configs" / yaml_name).read_text())
+    if config["distributed_type"] != "DEEPSPEED":
+        pytest.skip(f"{yaml_name} does not use DeepSpeed")
+    relative = config["deepspeed_config"]["deepspeed_config_file"]
+    assert not Path(relative).is_absolute()
+    monkeypatch.chdir(tmp_path)  # not the repo root
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for the process
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", relative)
+    args = parse_train(["--report_to", "none"])
+    expected = json.loads((REPO / relative).read_text())["zero_optimization"]["stage"]
+    assert args.deepspeed_plugin.hf_ds_config.config["zero_optimization"]["stage"] == expected
+
+
+def test_deepspeed_flag_finds_the_shipped_json_from_any_directory(
+    tmp_path, monkeypatch, capsys, deepspeed_config_cleanup
+):
+    monkeypatch.chdir(tmp_path)
+    args = parse_train(["--deepspeed", "ds_configs/zero2.json", "--report_to", "none"])
+    assert Path(args.deepspeed) == REPO / "ds_configs" / "zero2.json"
+    assert args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 2
+    (tmp_path / "ds_configs").mkdir()  # a file of the same name in the working directory still wins
+    (tmp_path / "ds_configs" / "zero2.json").write_text((REPO / "ds_configs" / "zero3.json").read_text())
+    assert (
+        parse_train(["--deepspeed", "ds_configs/zero2.json", "--report_to", "none"]).deepspeed
+        == "ds_configs/zero2.json"
+    )
+    message = exit_message(parse_train, ["--deepspeed", "ds_configs/zero9.json", "--report_to", "none"], capsys)
+    assert "--deepspeed ds_configs/zero9.json: no such file" in message and "absolute path" in message
+
+
+def test_lk_eta_is_for_the_lk_loss_only(capsys):
+    assert parse_train(["--report_to", "none"]).lk_eta == 1.0  # the earlier weight, until a benchmark picks one
+    assert parse_train(["--lk-eta", "3", "--report_to", "none"]).lk_eta == 3.0
+    message = exit_message(parse_train, ["--lk-eta", "3", "--loss", "soft_ce", "--report_to", "none"], capsys)
+    assert "--lk-eta 3.0 is for --loss lk_lambda" in message and "--loss is soft_ce" in message
+    assert "--lk-eta must be >= 0" in exit_message(parse_train, ["--lk-eta", "-1", "--report_to", "none"], capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--online-dtype", "bf16"], ["--online-dtype bf16 is for --online", "add --online"]),
+        (
+            ["--online", "--server-url", "http://h:8000", "--online-dtype", "fp16"],
+            ["--online-dtype fp16 has no effect with --server-url"],
+        ),
+        (["--hidden-states-dir", "/dev/shm/h"], ["--hidden-states-dir /dev/shm/h is for --server-url"]),
+        (["--online", "--hidden-states-dir", "/dev/shm/h"], ["--hidden-states-dir /dev/shm/h is for --server-url"]),
+        (
+            ["--max-tokens-per-batch", "4096", "--train_sampling_strategy", "random"],
+            ["--train_sampling_strategy random has no effect with --max-tokens-per-batch"],
+        ),
+    ],
+)
+def test_flags_of_another_mode_are_refused_not_ignored(argv, expected, capsys):
+    message = exit_message(parse_train, ["--data-dir", "d", "--report_to", "none", *argv], capsys)
+    for text in expected:
+        assert text in message, message
+
+
+def test_flags_of_their_own_mode_are_accepted():
+    base = ["--data-dir", "d", "--report_to", "none"]
+    online = parse_train([*base, "--online", "--online-dtype", "bf16"])
+    assert online.online_dtype == "bf16"
+    served = parse_train([*base, "--online", "--server-url", "http://h:8000", "--hidden-states-dir", "/dev/shm/h"])
+    assert served.hidden_states_dir == "/dev/shm/h"
+    budget = parse_train([*base, "--max-tokens-per-batch", "4096"])
+    assert budget.train_sampling_strategy == "group_by_length"

@@ -6,7 +6,14 @@ import torch.nn.functional as F
 
 from eagle3.config import Eagle3Qwen3Config
 from eagle3.target import TargetHead
-from eagle3.train.loss import TargetProjector, count_items, metrics_from_stats, step_loss, ttt_loss
+from eagle3.train.loss import (
+    STATS_PER_STEP,
+    TargetProjector,
+    count_items,
+    metrics_from_stats,
+    step_loss,
+    ttt_loss,
+)
 from eagle3.train.model import Eagle3DraftForTraining
 
 H, V, VD, T = 64, 96, 48, 12
@@ -217,3 +224,79 @@ def test_decoding_rounds_walk_answers_as_speculation_does():
     # k=3: answer 1 (positions 1..6) rounds at 2 (keeps 2) and 5 (keeps 3); answer 2 (8..10) at 9 (keeps 1)
     # k=1: rounds at 2, 4, 6 (keeps 1, 1, 0) and 9 (keeps 1)
     assert decoding_rounds(answer, runs, (3, 1)).tolist() == [6, 3, 3, 4]
+
+
+@pytest.mark.parametrize("head_checkpointing", [False, True])
+def test_a_batch_shorter_than_the_unroll_still_runs_every_step(head_checkpointing):
+    """Under ZeRO-3 every process must make the same module calls, whatever its batch's length:
+    the steps past the end run on no positions and add nothing to the loss or the stats."""
+    short, steps = 4, 6  # positions t have targets for steps 0..short-2 only
+    draft, head = _draft(steps=steps), _head()
+    batch = _batch()
+    ids, aux, last, mask = (batch[key][:, :short] for key in ("input_ids", "aux", "last", "mask"))
+    target = TargetProjector(head, draft.draft_to_target_ids())(last, mask, ids)
+    calls = {"midlayer": 0, "lm_head": 0}
+    hooks = [
+        getattr(draft, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name in calls
+    ]
+    loss, stats = ttt_loss(
+        draft, ids, aux, target, steps, 0.8, head_checkpointing, loss_type="lk_lambda", num_items=count_items(mask)
+    )
+    loss.backward()
+    for hook in hooks:
+        hook.remove()
+    assert calls["midlayer"] == steps
+    assert calls["lm_head"] == steps * (2 if head_checkpointing else 1)  # recomputed in backward
+    assert torch.isfinite(loss) and draft.fc.weight.grad is not None and torch.isfinite(draft.fc.weight.grad).all()
+    # The same numbers as an unroll that stops where the targets end (what the old early exit gave).
+    defined = short - 1
+    reference, reference_stats = ttt_loss(
+        draft, ids, aux, target, defined, 0.8, head_checkpointing, loss_type="lk_lambda", num_items=count_items(mask)
+    )
+    torch.testing.assert_close(loss, reference)
+    per_step = STATS_PER_STEP * defined
+    torch.testing.assert_close(stats[:per_step], reference_stats[:per_step])
+    assert not stats[per_step : STATS_PER_STEP * steps].any()
+    assert stats[-1] == reference_stats[-1]
+
+
+def test_lk_eta_scales_the_acceptance_in_the_kl_weight():
+    """w = exp(-eta * mean alpha): the LK paper's eta is 3; the default 1.0 is the earlier weight."""
+    logits, probs, valid = _logits_and_target()
+    q = logits.softmax(-1)
+    alpha = torch.minimum(probs, q).sum(-1)
+    kl = (probs * (probs.log() - q.log())).sum(-1)
+    mean_alpha = alpha[valid].mean().detach()
+    for eta in (0.0, 1.0, 3.0):
+        w = torch.exp(-eta * mean_alpha)
+        expected = ((w * kl + (1 - w) * (1 - alpha)) * valid).sum()
+        assert torch.allclose(step_loss(logits, probs, valid, "lk_lambda", lk_eta=eta), expected, atol=1e-5)
+    assert torch.equal(step_loss(logits, probs, valid, "lk_lambda"), step_loss(logits, probs, valid, "lk_lambda", 1.0))
+    assert torch.allclose(step_loss(logits, probs, valid, "lk_lambda", lk_eta=0.0), (kl * valid).sum(), atol=1e-5)
+
+
+def test_lk_eta_reaches_the_training_forward(random_target):
+    """--lk-eta travels from the command line through build_draft into every TTT step's loss."""
+    from eagle3.target import load_target_config
+    from eagle3.train.args import parse_args
+    from eagle3.train.main import Plan, build_draft
+
+    head = TargetHead.from_pretrained(random_target)
+    plan = Plan(base_model=str(random_target), target_config=load_target_config(random_target), target_layers=[1, 3, 4])
+    draft_ids = torch.arange(head.lm_head.shape[0])  # full vocabulary: every position is valid
+    losses = {}
+    for eta in ("1", "3"):
+        args = parse_args(["--lk-eta", eta, "--ttt-steps", "2", "--report_to", "none"])
+        draft = build_draft(args, plan, head, draft_ids)
+        assert draft.lk_eta == float(eta)
+        torch.manual_seed(0)
+        ids = torch.randint(0, head.lm_head.shape[0], (1, 10))
+        hidden = plan.target_config.hidden_size
+        aux, last = torch.randn(1, 10, 3 * hidden), torch.randn(1, 10, hidden)
+        target = TargetProjector(head, draft_ids)(last, torch.ones(1, 10, dtype=torch.bool), ids)
+        outputs = draft(ids, aux, target.probs, target.pred, target.valid, target.assistant, target.greedy)
+        reference, _ = ttt_loss(draft, ids, aux, target, 2, 0.8, loss_type="lk_lambda", lk_eta=float(eta))
+        torch.testing.assert_close(outputs.loss, reference)
+        losses[eta] = outputs.loss
+    assert not torch.allclose(losses["1"], losses["3"])

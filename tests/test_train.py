@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from eagle3.export.check import check_draft
 from eagle3.train.args import parse_args
 from eagle3.train.cli import main as run_train_main
-from eagle3.train.main import train
+from eagle3.train.main import resolve_resume, train
 
 try:
     from tests.train_data import cached_store, wandb_offline_records
@@ -97,7 +97,7 @@ def trained_run(data_dir, trained_target, tmp_path_factory):
         "eagle3-tiny",
     ]
     with (
-        mock.patch.dict(os.environ, {"WANDB_MODE": "offline"}),
+        mock.patch.dict(os.environ, {"WANDB_MODE": "offline", "HF_TOKEN": "hf_test"}),  # logged in
         mock.patch.object(HfApi, "create_repo", create_repo),
         mock.patch.object(HfApi, "create_commit", create_commit),
         mock.patch.object(HfApi, "whoami", whoami),
@@ -292,6 +292,83 @@ def test_mismatches_stop_before_any_work_with_a_clear_message(
     )
     message = capsys.readouterr().err
     assert code == 2
+    for text in expected:
+        assert text in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_gpus_in_one_process_are_refused_before_training(
+    data_dir, trained_target, tmp_path, capsys, monkeypatch
+):
+    """`python run_train.py` on a node with 2 visible GPUs: transformers would use nn.DataParallel."""
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST])
+    message = capsys.readouterr().err
+    assert code == 2
+    for text in (
+        "2 GPUs",
+        "DataParallel",
+        "torchrun --nproc_per_node 2",
+        "accelerate launch",
+        "CUDA_VISIBLE_DEVICES=0",
+    ):
+        assert text in message, message
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing saved
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("last", ["--resume_from_checkpoint last", "no checkpoint-N folder", "Drop --resume_from_checkpoint"]),
+        ("True", ["--resume_from_checkpoint True", "no checkpoint-N folder"]),
+        ("{out}/checkpoint-7", ["checkpoint-7", "not a Trainer checkpoint folder"]),
+    ],
+)
+def test_resume_without_a_checkpoint_stops_before_training(data_dir, trained_target, tmp_path, capsys, value, expected):
+    """Without the check, `last` with an empty --output-dir silently trained from step 0."""
+    out = tmp_path / "out"
+    out.mkdir()  # an earlier run's folder without checkpoints (e.g. --save_strategy no)
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(out), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST, "--max_steps", "1", "--resume_from_checkpoint", value.format(out=out)])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    for text in expected:
+        assert text in message, message
+    assert list(out.iterdir()) == []  # nothing trained, nothing saved
+
+
+def test_resume_last_picks_the_newest_checkpoint(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    for value in ("last", "true"):
+        args = parse_args(["--output-dir", str(tmp_path), "--resume_from_checkpoint", value, "--report_to", "none"])
+        assert resolve_resume(args) == str(tmp_path / "checkpoint-10")
+    given = str(tmp_path / "checkpoint-2")
+    assert resolve_resume(parse_args(["--resume_from_checkpoint", given, "--report_to", "none"])) == given
+    assert resolve_resume(parse_args(["--report_to", "none"])) is None
+
+
+@pytest.mark.parametrize(
+    ("hub_model_id", "login", "expected"),
+    [
+        ("org/eagle3-tiny", False, ["--push_to_hub", "no Hugging Face token", "huggingface-cli login", "HF_TOKEN"]),
+        ("org/eagle3/tiny", True, ["--hub_model_id org/eagle3/tiny", "not a Hub repo id", "OWNER/NAME"]),
+    ],
+)
+def test_push_to_hub_without_a_login_or_with_a_bad_id_stops_before_training(
+    data_dir, trained_target, tmp_path, capsys, no_hf_login, monkeypatch, hub_model_id, login, expected
+):
+    """Without the check the upload failed at the very end, after all the training."""
+    if login:
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
+    argv = ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "out"), "--base-model", str(trained_target)]
+    code = run_train_main([*argv, *FAST, "--max_steps", "1", "--push_to_hub", "--hub_model_id", hub_model_id])
+    message = capsys.readouterr().err
+    assert code == 2, message
     for text in expected:
         assert text in message, message
     assert not (tmp_path / "out").exists()

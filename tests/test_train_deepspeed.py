@@ -154,3 +154,25 @@ def test_zero3_cpu_offload_two_processes(trained_target, tmp_path):
     group = saved["optimizer_state_dict"]["param_groups"][0]
     assert "bias_correction" in group and "foreach" not in group, sorted(group)
     assert check_draft(output_dir / "best_model", trained_target) == []
+
+
+def test_zero3_ranks_whose_batches_are_shorter_than_the_unroll_stay_in_step(trained_target, tmp_path):
+    """ZeRO-3 gathers the draft's parameters per module call, so every rank must make the same calls.
+    Samples are 27-45 tokens: with 36 TTT steps and random single-sample batches, one rank's batch is
+    often shorter than the unroll while the other's is not. The TTT loop used to stop at a short
+    batch's end, and the ranks then waited on each other's gathers (a hang, or a gloo error)."""
+    output_dir = tmp_path / "out"
+    command = [
+        str(Path(sys.executable).with_name("accelerate")), "launch",
+        "--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"),
+        "--num_processes", "2", "--main_process_port", str(29900 + os.getpid() % 97),
+        str(REPO / "run_train.py"), "--data-dir", str(cached_store(trained_target)),
+        "--base-model", str(trained_target), "--output-dir", str(output_dir), "--max_steps", "6",
+        "--batch-size", "1", "--train_sampling_strategy", "random", "--eval-ratio", "0", "--save_strategy", "no",
+        "--draft-vocab-size", "256", "--ttt-steps", "36", "--report_to", "none", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert check_draft(output_dir / "best_model", trained_target) == []

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+LOGIN_HINT = "log in with `huggingface-cli login` (or `hf auth login`), or set HF_TOKEN"
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -110,6 +113,28 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
     return text
 
 
+def require_token(token: str | None, flag: str) -> str:
+    """The token an upload will use: ``token`` or the one saved by a login / HF_TOKEN.
+
+    Only its presence is checked (no network): a missing login then stops before hours of
+    training, not at the upload after them.
+    """
+    token = token or get_token()
+    if not token:
+        raise ValueError(f"{flag}: no Hugging Face token found; {LOGIN_HINT} (or pass the token with --hub_token).")
+    return token
+
+
+def check_repo_id(repo_id: str, flag: str) -> None:
+    """A Hub repo id (``OWNER/NAME`` or a bare ``NAME``) the Hub will accept, checked locally."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{flag} {repo_id}: not a Hub repo id ({error}); give OWNER/NAME, e.g. you/my-draft."
+        ) from None
+
+
 def resolve_repo_id(hub_model_id: str | None, output_dir: str | Path, token: str | None = None) -> str:
     """The Hub repo the draft goes to, with its owner, as ``Trainer.push_to_hub`` names it.
 
@@ -118,6 +143,7 @@ def resolve_repo_id(hub_model_id: str | None, output_dir: str | Path, token: str
     Hub with ``whoami``: the card then shows the id users will actually type.
     """
     name = hub_model_id or Path(output_dir).absolute().name
+    check_repo_id(name, "--hub_model_id" if hub_model_id else "--push_to_hub: the --output-dir name")
     if "/" in name:
         return name
     try:
@@ -136,6 +162,15 @@ def write_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = No
     return path
 
 
+def upload_files(draft_dir: str | Path) -> list[Path]:
+    """Exactly the files vLLM and the Hub page need; never optimizer states or checkpoints."""
+    return sorted(
+        p
+        for p in Path(draft_dir).iterdir()
+        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "README.md")
+    )
+
+
 def push_draft(
     draft_dir: str | Path,
     repo_id: str,
@@ -152,12 +187,7 @@ def push_draft(
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision:
         api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True)
-    # Exactly the files vLLM and the Hub page need; never optimizer states or checkpoints.
-    files = sorted(
-        p
-        for p in draft_dir.iterdir()
-        if p.is_file() and (p.suffix in (".safetensors", ".json") or p.name == "README.md")
-    )
+    files = upload_files(draft_dir)
     commit = api.create_commit(
         repo_id=repo_url.repo_id,
         operations=[CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files],

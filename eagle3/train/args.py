@@ -16,12 +16,19 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.config import DEFAULT_MAX_LENGTH
+
+# The checkout holding this package: accelerate_configs/*.yaml name ds_configs/*.json relative to it.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEEPSPEED_CONFIG_ENV = "ACCELERATE_DEEPSPEED_CONFIG_FILE"  # set by `accelerate launch` from the YAML
+
+DEFAULT_HIDDEN_STATES_DIR = "/tmp/eagle3-hidden-states"
 
 EAGLE3_SECTION = "EAGLE-3 options"
 CHANGED_DEFAULTS_SECTION = "training options with EAGLE-3 defaults (recipe aliases)"
@@ -96,7 +103,7 @@ class Eagle3TrainingArguments(TrainingArguments):
         },
     )
     hidden_states_dir: str = field(
-        default="/tmp/eagle3-hidden-states",
+        default=DEFAULT_HIDDEN_STATES_DIR,
         metadata={
             "help": "With --server-url: where the servers' connector writes per-request files (read and deleted "
             "at once; must be visible here).",
@@ -178,9 +185,18 @@ class Eagle3TrainingArguments(TrainingArguments):
         default="lk_lambda",
         metadata={
             "help": "Per-step loss against the target distribution p: lk_lambda (default; acceptance-aware, "
-            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-mean acceptance)), soft_ce (the recipe, "
+            "arXiv 2602.23881: w*KL + (1-w)*(1 - sum min(p, q)), w = exp(-lk_eta * mean acceptance)), soft_ce (the recipe, "
             "-sum p log q) or forward_kl (KL(p||q): soft_ce minus the target's entropy, same gradient)",
             "choices": ["soft_ce", "forward_kl", "lk_lambda"],
+        },
+    )
+    lk_eta: float = field(
+        default=1.0,
+        metadata={
+            "help": "With --loss lk_lambda: the KL weight is exp(-lk_eta * mean acceptance). The LK paper "
+            "(arXiv 2602.23881) uses 3; 1.0 keeps this toolkit's earlier behaviour until a benchmark picks "
+            "the default.",
+            "aliases": ["--lk_eta"],
         },
     )
     head_checkpointing: bool = field(
@@ -253,21 +269,65 @@ class Eagle3TrainingArguments(TrainingArguments):
             raise ValueError("--online: give either --dataset (chat data) or --data-dir (a run_collect.py store)")
         if self.server_url and not self.online:
             raise ValueError("--server-url is for --online training (states streamed from vLLM servers)")
+        self._refuse_flags_of_other_modes()
         if self.server_url and self.dataloader_num_workers == 0:
             # The workers are the prefetch queue: without them every batch waits for its capture.
             self.dataloader_num_workers = 2
         if self.online and self.dataset and not self.model:
             raise ValueError("--online --dataset needs --model (the target that answers and computes the states)")
+        if self.lk_eta < 0:
+            raise ValueError(f"--lk-eta must be >= 0 (the LK paper uses 3), got {self.lk_eta}")
+        if self.lk_eta != 1.0 and self.loss != "lk_lambda":
+            raise ValueError(
+                f"--lk-eta {self.lk_eta} is for --loss lk_lambda, but --loss is {self.loss}: drop --lk-eta "
+                "or use --loss lk_lambda"
+            )
         if not 0.0 <= self.eval_ratio < 1.0:
             raise ValueError(f"--eval-ratio must be in [0, 1), got {self.eval_ratio}")
         if self.max_length < 2:
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
             raise ValueError(f"--max-tokens-per-batch must be >= 1, got {self.max_tokens_per_batch}")
-        super().__post_init__()
+        self._resolve_deepspeed_configs()
+        super().__post_init__()  # reads the DeepSpeed config (--deepspeed or accelerate's environment)
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
             self.metric_for_best_model = None
+
+    def _refuse_flags_of_other_modes(self) -> None:
+        """A flag that only another mode reads would be silently ignored: say so instead. A value
+        different from the default counts as given (the dataclass does not record what was typed)."""
+        if self.online_dtype != "auto" and not self.online:
+            raise ValueError(
+                f"--online-dtype {self.online_dtype} is for --online training (the target running inside "
+                "training); add --online or drop --online-dtype"
+            )
+        if self.online_dtype != "auto" and self.server_url:
+            raise ValueError(
+                f"--online-dtype {self.online_dtype} has no effect with --server-url (the vLLM servers run the "
+                "target, in the dtype they were started with); drop --online-dtype"
+            )
+        if self.hidden_states_dir != DEFAULT_HIDDEN_STATES_DIR and not self.server_url:
+            raise ValueError(
+                f"--hidden-states-dir {self.hidden_states_dir} is for --server-url (where the vLLM servers write "
+                "the states); add --online --server-url or drop --hidden-states-dir"
+            )
+        if self.max_tokens_per_batch is not None and self.train_sampling_strategy != "group_by_length":
+            raise ValueError(
+                f"--train_sampling_strategy {self.train_sampling_strategy} has no effect with --max-tokens-per-batch "
+                "(token-budget batches are packed by length and shuffled by their own sampler); drop one of them"
+            )
+
+    def _resolve_deepspeed_configs(self) -> None:
+        """Find a relative DeepSpeed JSON from any working directory: the shipped accelerate YAMLs
+        (and the docs' ``--deepspeed ds_configs/zero2.json``) name ds_configs/ relative to the repo."""
+        if isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):  # not an inline/base64 config
+            self.deepspeed = find_deepspeed_config(self.deepspeed, f"--deepspeed {self.deepspeed}")
+        env = os.environ.get(DEEPSPEED_CONFIG_ENV, "")
+        if self.deepspeed is None and env.endswith(".json"):
+            os.environ[DEEPSPEED_CONFIG_ENV] = find_deepspeed_config(
+                env, f"the accelerate config's deepspeed_config_file {env} ({DEEPSPEED_CONFIG_ENV})"
+            )
 
     @property
     def base_model(self) -> str | None:
@@ -284,6 +344,20 @@ class Eagle3TrainingArguments(TrainingArguments):
         if self.filter_rank is None or str(self.filter_rank) == "":
             return None
         return [int(r) for r in str(self.filter_rank).split(",") if r != ""]
+
+
+def find_deepspeed_config(path: str, what: str) -> str:
+    """``path`` as given when it exists (relative to the working directory, as before), else the
+    same relative path in this checkout (accelerate_configs/ and ds_configs/ live there)."""
+    if Path(path).is_file():
+        return path
+    in_repo = REPO_ROOT / path
+    if not Path(path).is_absolute() and in_repo.is_file():
+        return str(in_repo)
+    raise ValueError(
+        f"{what}: no such file in the working directory {Path.cwd()} or in {REPO_ROOT}. Give the JSON's "
+        "absolute path (the shipped ones are in ds_configs/ of the eagle3-qwen3 checkout)."
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Eagle3TrainingArguments:

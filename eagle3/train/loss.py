@@ -146,7 +146,9 @@ def decoding_rounds(answer: torch.Tensor, run_length: torch.Tensor, ks: tuple[in
 LOSSES = ("soft_ce", "forward_kl", "lk_lambda")
 
 
-def step_loss(logits: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce") -> torch.Tensor:
+def step_loss(
+    logits: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce", lk_eta: float = 1.0
+) -> torch.Tensor:
     """Per-step loss SUMMED over valid positions, against the target distribution ``probs``.
 
     * ``soft_ce``: -sum_v p log q (the recipe).
@@ -154,9 +156,10 @@ def step_loss(logits: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, ki
       its value is 0 for a perfect draft, which makes steps and runs comparable.
     * ``lk_lambda``: the LK loss of arXiv 2602.23881 (SpecForge's ``lk_loss_type="lambda"``):
       w * KL + (1 - w) * (1 - alpha), alpha = sum_v min(p_v, q_v) the expected acceptance of a
-      sampled draft token, w = exp(-mean alpha) (detached; the mean is over this step's valid
-      positions of this micro-batch). Early in training (alpha ~ 0) it is KL; as the draft gets
-      good the weight moves to the acceptance term, which only cares about the overlap of p and q.
+      sampled draft token, w = exp(-lk_eta * mean alpha) (detached; the mean is over this step's
+      valid positions of this micro-batch). Early in training (alpha ~ 0) it is KL; as the draft
+      gets good the weight moves to the acceptance term, which only cares about the overlap of p
+      and q. The paper's eta is 3; ``lk_eta`` = 1 (the default) is this toolkit's earlier weight.
     """
     log_q = F.log_softmax(logits.float(), dim=-1)
     ce = -(probs * log_q).sum(-1)
@@ -169,17 +172,19 @@ def step_loss(logits: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, ki
         elif kind == "lk_lambda":
             alpha = torch.minimum(probs, log_q.exp()).sum(-1)
             mean_alpha = (alpha.detach() * valid).sum() / valid.sum().clamp(min=1)
-            weight = torch.exp(-mean_alpha)
+            weight = torch.exp(-lk_eta * mean_alpha)
             per_token = weight * kl + (1 - weight) * (1 - alpha)
         else:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     return (per_token * valid).sum()
 
 
-def _head_loss(draft, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce"):
+def _head_loss(
+    draft, normed: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor, kind: str = "soft_ce", lk_eta: float = 1.0
+):
     """lm_head + the step loss summed over valid positions; also the draft's argmax."""
     logits = draft.compute_logits(normed).float()
-    return step_loss(logits, probs, valid, kind), logits.detach().argmax(-1)
+    return step_loss(logits, probs, valid, kind, lk_eta), logits.detach().argmax(-1)
 
 
 def count_items(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -202,6 +207,7 @@ def ttt_loss(
     head_checkpointing: bool = False,
     loss_type: str = "soft_ce",
     num_items: torch.Tensor | int | None = None,
+    lk_eta: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unroll ``steps`` draft steps over a batch; return (loss, stats) — see ``stats_size``.
 
@@ -226,18 +232,22 @@ def ttt_loss(
     run_length = torch.zeros_like(run, dtype=torch.long) if evaluating else None
     for i in range(steps):
         normed, hidden = draft.draft_step(hidden, embeds[:, 1 + i : 1 + i + length], positions + i, cache)
-        n = length - 1 - i  # positions t whose target s = t + 1 + i exists
-        if n <= 0:
-            break
-        probs, valid = target.probs[:, 1 + i :], target.valid[:, 1 + i :]
+        # Positions t whose target s = t + 1 + i exists. In a batch shorter than the unroll there are
+        # none for the last steps: they still run (on no positions, adding 0 to loss and stats), so
+        # every process makes the same module calls whatever its batch (ZeRO-3 gathers the
+        # parameters per call and hangs when ranks differ).
+        n = max(length - 1 - i, 0)
+        probs, valid = target.probs[:, 1 + i : 1 + i + n], target.valid[:, 1 + i : 1 + i + n]
         if head_checkpointing and torch.is_grad_enabled():
-            ce_sum, pred = checkpoint(_head_loss, draft, normed[:, :n], probs, valid, loss_type, use_reentrant=False)
+            ce_sum, pred = checkpoint(
+                _head_loss, draft, normed[:, :n], probs, valid, loss_type, lk_eta, use_reentrant=False
+            )
         else:
-            ce_sum, pred = _head_loss(draft, normed[:, :n], probs, valid, loss_type)
+            ce_sum, pred = _head_loss(draft, normed[:, :n], probs, valid, loss_type, lk_eta)
         count = valid.sum()
         denominator = count.clamp(min=1) if num_items is None else torch.as_tensor(num_items).clamp(min=1)
         loss = loss + decay**i * ce_sum / denominator
-        hits = (pred == target.pred[:, 1 + i :]) & valid
+        hits = (pred == target.pred[:, 1 + i : 1 + i + n]) & valid
         # Consecutive-run estimator: a position keeps its run while every step so far was a hit.
         # Step i >= 1 was fed the DATA token x_{t+1+i}; speculative decoding would have fed the
         # draft's (accepted = the target's greedy) token. Where the two differ (data not generated

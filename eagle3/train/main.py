@@ -116,7 +116,7 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
         with torch.no_grad():
             draft.lm_head.weight.copy_(head.lm_head[draft_ids].float())
     draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
-    draft.loss_type = args.loss
+    draft.loss_type, draft.lk_eta = args.loss, args.lk_eta
     return draft
 
 
@@ -150,22 +150,71 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
     )
 
 
+def check_one_process_per_device(args: Eagle3TrainingArguments) -> None:
+    """Refuse several GPUs in one process: transformers would wrap the draft in nn.DataParallel,
+    which cannot split the step's token count (a 0-dim tensor) and concatenates the per-replica
+    statistics, so the loss scale and every metric would be wrong."""
+    if args.n_gpu > 1:
+        raise Eagle3ConfigError(
+            f"{args.n_gpu} GPUs are visible to this single process, and transformers would train with "
+            "nn.DataParallel, which EAGLE-3 training does not support. Start one process per GPU: "
+            f"`torchrun --nproc_per_node {args.n_gpu} run_train.py ...` or `accelerate launch --num_processes "
+            f"{args.n_gpu} run_train.py ...`; for one GPU, run with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
+LAST_CHECKPOINT = ("true", "last")  # --resume_from_checkpoint values meaning "the newest in --output-dir"
+
+
+def resolve_resume(args: Eagle3TrainingArguments) -> str | None:
+    """The checkpoint folder to resume from, checked now: transformers would only find a wrong one
+    after the data is read, and with ``last`` and no checkpoint it would silently start at step 0."""
+    resume = args.resume_from_checkpoint
+    if resume is None or resume is False or resume == "":
+        return None
+    flag = f"--resume_from_checkpoint {resume}"
+    if resume is True or str(resume).lower() in LAST_CHECKPOINT:
+        output_dir = Path(args.output_dir)
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise Eagle3ConfigError(
+                f"{flag}: no checkpoint-N folder in --output-dir {output_dir} to resume from. Drop "
+                "--resume_from_checkpoint to start a new run, or pass the --output-dir of the run to continue "
+                "(or a checkpoint folder itself)."
+            )
+        return last
+    if not (Path(resume) / "trainer_state.json").is_file():
+        raise Eagle3ConfigError(
+            f"{flag}: not a Trainer checkpoint folder (no trainer_state.json there). Pass a checkpoint-N folder "
+            "of an earlier run, or `last` for the newest one in --output-dir."
+        )
+    return str(resume)
+
+
+def hub_repo_id(args: Eagle3TrainingArguments) -> str | None:
+    """With --push_to_hub, the repo the draft goes to, settled before training: the card names it,
+    and a missing login or a malformed id fails now, not after hours of training. Only the main
+    process talks to the Hub."""
+    if not (args.push_to_hub and args.should_save):
+        return args.hub_model_id
+    from eagle3.export.hub import require_token, resolve_repo_id
+
+    try:
+        token = require_token(args.hub_token, "--push_to_hub")
+        return resolve_repo_id(args.hub_model_id, args.output_dir, token)
+    except ValueError as error:
+        raise Eagle3ConfigError(str(error)) from None
+
+
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (none without an eval split), the training
     loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
+    check_one_process_per_device(args)  # before the online answers or any data is read
+    resume = resolve_resume(args)
+    repo_id = hub_repo_id(args)
     if args.online and args.dataset:
         args.data_dir = prepare_online_data(args)
     plan = check_data_against_target(args)
-    # The Hub id is settled before training (the card names it; a missing login fails now, not
-    # after hours of training). Only the main process talks to the Hub.
-    repo_id = args.hub_model_id
-    if args.push_to_hub and args.should_save:
-        from eagle3.export.hub import resolve_repo_id
-
-        try:
-            repo_id = resolve_repo_id(args.hub_model_id, args.output_dir, args.hub_token)
-        except ValueError as error:
-            raise Eagle3ConfigError(str(error)) from None
     if "wandb" in args.report_to:  # keep the (offline) run next to the model it describes
         os.environ.setdefault("WANDB_DIR", str(Path(args.output_dir).absolute()))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -247,9 +296,6 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
             else None
         ),
     )
-    resume = args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = get_last_checkpoint(args.output_dir)
     train_output = trainer.train(resume_from_checkpoint=resume)
     timing = {"train_runtime": train_output.metrics.get("train_runtime", 0.0), "data_wait": trainer.data_wait_seconds}
 

@@ -27,6 +27,7 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
     ttt_decay: float = 0.8
     head_checkpointing: bool = False
     loss_type: str = "soft_ce"
+    lk_eta: float = 1.0  # lk_lambda's KL weight exp(-lk_eta * mean acceptance)
 
     def forward(
         self,
@@ -52,5 +53,6 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
             self.head_checkpointing,
             loss_type=self.loss_type,
             num_items=num_items,
+            lk_eta=self.lk_eta,
         )
         return Eagle3TrainingOutput(loss=loss, stats=stats)
