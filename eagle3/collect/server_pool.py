@@ -26,7 +26,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from tqdm.auto import tqdm
@@ -263,13 +263,20 @@ class ServerPool:
                 if attempt + 1 < attempts:
                     await self._until_down(server, asyncio.sleep(min(0.5 * 2**attempt, 30.0)))
         reason = _describe(last_error)
+        await self.give_up(
+            server,
+            reason,
+            f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
+            "answers /health: the request itself fails there (a request that takes longer than "
+            "--request-timeout? raise it; see the server's log otherwise).",
+        )
+
+    async def give_up(self, server: Server, reason: str, failed_there: str) -> NoReturn:
+        """A request failed on ``server`` for good: ``RequestFailed(failed_there)`` when the server
+        still answers /health (the request is what fails there), else the server is marked down
+        (its requests go elsewhere) and ``ServerDown``."""
         if server.live and await self._healthy(server):
-            raise RequestFailed(
-                f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
-                "answers /health: the request itself fails there (a request that takes longer than "
-                "--request-timeout? raise it; see the server's log otherwise).",
-                server,
-            )
+            raise RequestFailed(failed_there, server)
         await self._mark_down(server, reason)
         raise ServerDown(server.url)
 

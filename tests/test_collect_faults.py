@@ -1,0 +1,134 @@
+"""The vLLM client against small fake servers that misbehave on purpose (tests/fake_vllm.py).
+
+No vLLM here: each scenario takes seconds, so faults that need precise timing (a frozen writer,
+a server that restarts on one request) are tested without a real engine. Real vLLM servers are
+in tests/test_collect_vllm.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle3.collect.cli import main
+from eagle3.data.store import HiddenStateStore
+from eagle3.testing import synthetic_conversations, write_jsonl
+from tests.fake_vllm import _HOLD_LOCK, FakeVllm, fake_states
+
+LAYERS = "0,3,7"  # vLLM ids 1, 4, 8 = L: three captured states
+NUM_IDS, HIDDEN = 3, 128  # the tiny target's
+
+
+class _Result:
+    def __init__(self, returncode: int, stdout: str, stderr: str, seconds: float):
+        self.returncode, self.stdout, self.stderr, self.seconds = returncode, stdout, stderr, seconds
+
+
+def _run(*argv, limit: float = 120.0) -> _Result:
+    """run_collect.py in-process, in a thread: a run that hangs fails the test after ``limit`` s."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    outcome: dict = {"code": 0}
+
+    def target() -> None:
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exit_:
+            outcome["code"] = exit_.code
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            outcome["error"] = error
+
+    started = time.monotonic()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        thread.join(limit)
+    assert not thread.is_alive(), f"run_collect.py still running after {limit} s: {stderr.getvalue()[-2000:]}"
+    if "error" in outcome:
+        raise outcome["error"]
+    return _Result(outcome["code"], stdout.getvalue(), stderr.getvalue(), time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chats.jsonl", synthetic_conversations(6, seed=3))
+
+
+def _args(model, chats, out, hidden_dir, urls, *extra):
+    return [
+        "--model", model, "--dataset", chats, "--output-dir", out, "--backend", "vllm",
+        "--server-url", *urls, "--hidden-states-dir", hidden_dir, "--layers", LAYERS,
+        "--no-regenerate", "--quiet", "--concurrent-requests", "2", "--max-retries", "0", *extra,
+    ]  # fmt: skip
+
+
+def _assert_stored_states_are_the_servers(out: Path, keys: set[int]) -> None:
+    store = HiddenStateStore(out, deduplicate=False)
+    assert {store[i].key for i in range(len(store))} == keys
+    for i in range(len(store)):
+        sample = store[i]
+        want = fake_states(sample.input_ids.tolist(), NUM_IDS, HIDDEN).to(torch.bfloat16)
+        assert torch.equal(sample.last_hidden_states, want[:, 2])
+        assert torch.equal(sample.aux_hidden_states, want.flatten(1))
+
+
+async def _freeze_after_probe(server: FakeVllm, payload: dict) -> None:
+    """Captures after the start-up probe stay locked by a process that never lets go."""
+    if "probe" not in payload.get("request_id", ""):
+        server.frozen_locks = True
+
+
+# ---------------------------------------------------------------------- the capture file's lock
+def test_a_lock_held_forever_is_given_up_after_the_timeout(tmp_path):
+    from eagle3.collect.vllm_client import _LockTimeout, _read_hidden_states
+
+    path = tmp_path / "cmpl-x.safetensors"
+    path.write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, f"{path}.lock"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with pytest.raises(_LockTimeout, match="still locked by its writer after 0.5 s"):
+            _read_hidden_states(str(path), 0.5)
+        assert 0.5 <= time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not path.exists() and not Path(f"{path}.lock").exists()  # given up: nothing of it is kept
+
+
+def test_frozen_writer_fails_over_to_the_other_server(random_target, chats, tmp_path):
+    """One server's capture files stay locked forever: each of its captures is given up after
+    --request-timeout and taken by the other server; the run finishes with every sample."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    with (
+        FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_freeze_after_probe) as frozen,
+        FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN) as good,
+    ):
+        result = _run(*_args(random_target, chats, tmp_path / "out", hidden, [frozen.url, good.url]),
+                      "--request-timeout", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert frozen.captures >= 2  # the probe and at least one frozen capture
+    assert "stayed locked by its writer past --request-timeout 2 s" in result.stderr
+    _assert_stored_states_are_the_servers(tmp_path / "out", set(range(6)))
+    assert not list(hidden.iterdir())
+
+
+def test_frozen_writer_on_the_only_server_stops_the_run_clearly(random_target, chats, tmp_path):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_freeze_after_probe) as frozen:
+        result = _run(*_args(random_target, chats, tmp_path / "out", hidden, [frozen.url]), "--request-timeout", "1")
+    assert result.returncode == 2
+    assert f"the file vLLM server {frozen.url} wrote stayed locked" in result.stderr
+    assert "--hidden-states-dir" in result.stderr
+    assert result.seconds < 60
+    assert not list(hidden.iterdir())  # given-up files are removed with the rest of this client's
