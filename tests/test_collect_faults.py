@@ -7,6 +7,7 @@ in tests/test_collect_vllm.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import subprocess
@@ -132,3 +133,54 @@ def test_frozen_writer_on_the_only_server_stops_the_run_clearly(random_target, c
     assert "--hidden-states-dir" in result.stderr
     assert result.seconds < 60
     assert not list(hidden.iterdir())  # given-up files are removed with the rest of this client's
+
+
+# ---------------------------------------------------------------------- a request that makes servers fail
+def _crashes_on_conversation_0(hold: float, down_for: float):
+    """Conversation 0's capture makes the server fail (HTTP 500, /health too, for ``down_for`` s,
+    as a crashed server being restarted) after ``hold`` s; every other request is fine."""
+
+    async def hook(server: FakeVllm, payload: dict):
+        from aiohttp import web
+
+        if payload.get("request_id", "").endswith("-0-c"):
+            await asyncio.sleep(hold)
+            server.crash(down_for)
+            return web.Response(status=500, text="crashed")
+        return None
+
+    return hook
+
+
+def test_a_request_failing_on_restarting_servers_is_not_resent_forever(random_target, chats, tmp_path):
+    """Conversation 0 takes down whichever server it is on; each restarts within a second and rejoins,
+    so without a cap the request would go round the servers forever. It is sent
+    --max-request-attempts times, then the run stops naming it, after storing the finished ones."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    hook = _crashes_on_conversation_0(hold=1.5, down_for=0.3)
+    with (
+        FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=hook) as a,
+        FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=hook) as b,
+    ):
+        argv = _args(random_target, chats, tmp_path / "out", hidden, [a.url, b.url], "--concurrent-requests", "4")
+        result = _run(*argv, "--max-request-attempts", "3", limit=90)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "capture of conversation 0 was sent 3 times (--max-request-attempts 3)" in result.stderr
+    assert "rejoins" in result.stderr  # the servers did come back: only the cap stopped it
+    _assert_stored_states_are_the_servers(tmp_path / "out", {1, 2, 3, 4, 5})
+    assert not list(hidden.iterdir())
+
+
+def test_no_server_live_is_what_stops_the_run_and_the_finished_are_stored(random_target, chats, tmp_path):
+    """The only server goes down on conversation 0 and stays down: NoServerLive (rerun to resume),
+    not the attempts cap, even at --max-request-attempts 1; conversations 1-5, finished, are stored."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_crashes_on_conversation_0(1.5, 600)) as a:
+        argv = _args(random_target, chats, tmp_path / "out", hidden, [a.url], "--concurrent-requests", "4")
+        result = _run(*argv, "--max-request-attempts", "1", limit=60)
+    assert result.returncode == 2
+    assert f"no vLLM server is live ({a.url}: HTTP 500: crashed)" in result.stderr
+    assert "--max-request-attempts" not in result.stderr
+    _assert_stored_states_are_the_servers(tmp_path / "out", {1, 2, 3, 4, 5})

@@ -162,6 +162,15 @@ class CollectArgs:
     max_retries: int = field(
         default=5, metadata={"section": BACKEND, "help": "vllm: retries (exponential backoff) per request."}
     )
+    max_request_attempts: int = field(
+        default=5,
+        metadata={
+            "section": BACKEND,
+            "help": "vllm: servers a request may be sent to (again) after failing on one (its server went down "
+            "or it failed its retries there); then the run stops naming it. Bounds a request that makes every "
+            "server fail, even servers that restart.",
+        },
+    )
     hidden_states_dir: str = field(
         default="/tmp/eagle3-hidden-states",
         metadata={
@@ -191,7 +200,8 @@ class CollectArgs:
     def __post_init__(self) -> None:
         # --layers arrives as text ("0,13,27") and is kept as a list of ints from here on.
         self.layers = parse_layers(self.layers, flag="--layers")
-        for name in ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens"):
+        positive = ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens")
+        for name in (*positive, "max_request_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.target_tokens is not None and self.target_tokens < 1:

@@ -16,6 +16,8 @@ the retries are exhausted the server is asked ``/health``:
   would otherwise take every server down in turn).
 
 When the last live server goes down, ``NoServerLive`` names every server and its last error.
+Callers bound how often one request is sent again (``--max-request-attempts``): a request that
+makes every server fail, even servers that restart and rejoin, must not be resent forever.
 Callers keep answers independent of the server (per-request seeds, run-wide length limits),
 so where a request ran never changes what is stored.
 """
@@ -165,7 +167,7 @@ class ServerPool:
         self.events.append(message)  # printed even with --quiet: a server going down is news
         tqdm.write(f"run_collect.py: {message}", file=sys.stderr)
 
-    def _no_server_live(self) -> NoServerLive:
+    def no_server_live(self) -> NoServerLive:
         states = "; ".join(f"{s.url}: {s.last_error}" for s in self.servers)
         return NoServerLive(
             f"no vLLM server is live ({states}). Everything completed is stored; start or fix the "
@@ -230,7 +232,7 @@ class ServerPool:
             while True:
                 live = [s for s in self.servers if s.live]
                 if not live:
-                    raise self._no_server_live()
+                    raise self.no_server_live()
                 live = [s for s in live if s not in exclude] or live
                 if prefer is not None and prefer.live and prefer.in_flight < self.capacity:
                     server = prefer

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
-from eagle3.collect.server_pool import NoServerLive, RequestFailed, Server, ServerDown, ServerError, ServerPool
+from eagle3.collect.server_pool import RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
@@ -355,28 +355,48 @@ class VllmBackend:
         failed_on: set[Server] | None = None,
     ) -> tuple[Server, dict[str, Any]]:
         """POST /v1/completions on the preferred (or least-loaded) live server; again elsewhere when
-        that server goes down or fails this request while healthy. ``NoServerLive`` when no server
-        is left; the ``RequestFailed`` error once the request failed on every live server
-        (``failed_on``: where it failed already, updated)."""
+        that server goes down or fails this request while healthy, at most --max-request-attempts
+        times in all. ``NoServerLive`` when no server is left; the ``RequestFailed`` error once the
+        request failed on every live server (``failed_on``: where it failed already, updated)."""
         failed_on = set() if failed_on is None else failed_on
+        failures: list[str] = []
         while True:
             server = await self.pool.acquire(prefer, exclude=frozenset(failed_on))
             try:
                 return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
             except ServerDown:
+                failures.append(f"{server.url} went down ({server.last_error})")
                 prefer = None
             except RequestFailed as error:
+                failures.append(f"{server.url} failed it")
                 self._failed_on_every_live_server(error, failed_on)
                 prefer = None
             finally:
                 await self.pool.release(server)
+            if len(failures) >= self.args.max_request_attempts:
+                raise self._gave_up(what, failures)
 
     def _failed_on_every_live_server(self, error: RequestFailed, failed_on: set[Server]) -> None:
-        """Note where a request failed; raise ``error`` once that is every live server."""
+        """Note where a request failed; raise ``error`` once that is every live server (``NoServerLive``
+        when none is live any more: the run then stops the way it does for that)."""
         failed_on.add(error.server)
+        if not any(s.live for s in self.pool.servers):
+            raise self.pool.no_server_live()
         if all(s in failed_on for s in self.pool.servers if s.live):
             raise error
         tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
+
+    def _gave_up(self, what: str, failures: list[str]) -> ServerError:
+        """The error for a request sent --max-request-attempts times: ``NoServerLive`` when no server is
+        live (that is what stops the run), else one naming the request and each failure."""
+        if not any(s.live for s in self.pool.servers):
+            return self.pool.no_server_live()
+        return ServerError(
+            f"{what} was sent {len(failures)} times (--max-request-attempts {self.args.max_request_attempts}) and "
+            f"failed every time: {'; '.join(failures)}. This request may be what makes the servers fail: see "
+            "their logs (or raise --max-request-attempts). Everything completed is stored; rerunning the same "
+            "command resumes (and sends this request again)."
+        )
 
     async def _generate(
         self, prompt: list[int], key: int, turn: int, prefer: Server | None
@@ -505,7 +525,8 @@ class VllmBackend:
         """Samples in input order, with up to 2 x (slots of all servers) conversations in flight.
 
         Finished conversations wait for their turn as a file path, not in memory. When no server
-        is left, the finished ones are still yielded (in order) before ``NoServerLive``."""
+        is left (or a request fails for good), the finished ones are still yielded (in order) before
+        the error (``NoServerLive``, or the one naming the request)."""
         window = 2 * self.args.concurrent_requests * len(self.pool.servers)
         pending: deque[asyncio.Task] = deque()
         remaining = iter(conversations)
@@ -518,8 +539,8 @@ class VllmBackend:
                 try:
                     captured = self.loop.run_until_complete(pending.popleft())
                     yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except NoServerLive:
-                    yield from self._finished(pending)
+                except ServerError:  # no server left, or a request no server answers: the run stops
+                    yield from self._finished(pending)  # after storing what is finished
                     raise
         finally:
             for task in pending:
@@ -533,8 +554,8 @@ class VllmBackend:
                 captured = task.result()
                 try:
                     yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except NoServerLive:
-                    continue  # its file was lost with the last server: the rerun collects it
+                except ServerError:
+                    continue  # e.g. its file was lost with the last server: the rerun collects it
 
     def summary_lines(self) -> list[str]:
         servers = ", ".join(
