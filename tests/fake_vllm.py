@@ -14,7 +14,9 @@ Faults, switched by the test:
   server that died and is restarted);
 * ``frozen_locks``: each capture's lock file is locked exclusively by another process that never
   lets go (a frozen writer, or a stalled network filesystem).
-* ``write_delay``: the capture file is written at once but the answer waits this long.
+* ``write_delay``: the capture file is written at once but the answer waits this long;
+* ``edit_states(request_id, states)``: changes a capture's float32 states in place before they
+  are written (bf16, as vLLM serves): e.g. values fp16 cannot hold, or a NaN.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class FakeVllm:
         self.hook = hook
         self.write_delay = write_delay
         self.frozen_locks = False
+        self.edit_states: Callable[[str, torch.Tensor], None] | None = None
         self.captures = 0  # capture files written
         self.completions = 0  # POST /v1/completions received
         self._down_until = 0.0
@@ -151,8 +154,11 @@ class FakeVllm:
             holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, lock], stdout=subprocess.PIPE, text=True)
             self._holders.append(holder)
             assert holder.stdout.readline().strip() == "locked"
+        states = fake_states(ids, self.num_ids, self.hidden_size)
+        if self.edit_states is not None:
+            self.edit_states(payload["request_id"], states)
         tensors = {
-            "hidden_states": fake_states(ids, self.num_ids, self.hidden_size).to(torch.bfloat16),
+            "hidden_states": states.to(torch.bfloat16),
             "token_ids": torch.tensor(ids, dtype=torch.long),
         }
         save_file(tensors, str(path) + ".tmp")

@@ -184,3 +184,55 @@ def test_no_server_live_is_what_stops_the_run_and_the_finished_are_stored(random
     assert f"no vLLM server is live ({a.url}: HTTP 500: crashed)" in result.stderr
     assert "--max-request-attempts" not in result.stderr
     _assert_stored_states_are_the_servers(tmp_path / "out", {1, 2, 3, 4, 5})
+
+
+# ---------------------------------------------------------------------- non-finite states
+def _bad_states(request_id: str, states: torch.Tensor) -> None:
+    """Conversation 1: one value fp16 cannot hold (fine in bf16); conversation 4: a NaN in one token."""
+    if request_id.endswith("-1-c"):
+        states[3, 0, 5] = 1e6
+    if request_id.endswith("-4-c"):
+        states[2, 1, 7] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("hidden_dtype", "skipped"), [("fp16", {1, 4}), ("fp8", {4}), ("bf16", {4})]
+)  # fmt: skip
+def test_non_finite_states_are_skipped_and_counted_never_stored(random_target, chats, tmp_path, hidden_dtype, skipped):
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN) as server:
+        server.edit_states = _bad_states
+        argv = _args(random_target, chats, tmp_path / "out", hidden, [server.url], "--hidden-dtype", hidden_dtype)
+        result = _run(*argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipped {len(skipped)} samples whose hidden states hold inf/NaN as {hidden_dtype}" in result.stdout
+    assert f"collected {6 - len(skipped)} samples" in result.stdout
+    for key in skipped:
+        assert f"skipped sample {key}: its hidden states hold inf/NaN as {hidden_dtype}" in result.stderr
+    store = HiddenStateStore(tmp_path / "out", deduplicate=False)
+    assert {store[i].key for i in range(len(store))} == set(range(6)) - skipped
+    for i in range(len(store)):
+        for tensor in store[i].stored_tensors().values():
+            assert torch.isfinite(tensor.float()).all()
+
+
+def test_training_refuses_a_batch_with_non_finite_states():
+    """A store collected before the check may hold inf/NaN: the batch is refused, not trained on
+    (the Trainer would only smooth the NaN loss out of its logs)."""
+    from eagle3.data.codecs import NonFiniteStatesError, decode_batch, encode
+
+    states = torch.randn(2, 5, 3 * 8)
+    fine = {"aux_hidden_states": states.to(torch.bfloat16), "input_ids": torch.zeros(2, 5, dtype=torch.long)}
+    assert torch.equal(decode_batch(dict(fine), "cpu")["aux_hidden_states"], fine["aux_hidden_states"])
+    overflowed = dict(fine, aux_hidden_states=(states * 1e5).to(torch.float16))  # an fp16 store before the check
+    with pytest.raises(NonFiniteStatesError, match="aux_hidden_states"):
+        decode_batch(overflowed, "cpu")
+    states[1, 2, 4] = float("nan")
+    encoded = encode(states.flatten(0, 1), 3, "fp8")  # what an fp8 store held before the check
+    fp8 = {
+        "last_hidden_states": encoded[""].unflatten(0, (2, 5)),
+        "last_hidden_states_scales": encoded["_scales"].unflatten(0, (2, 5)),
+    }
+    with pytest.raises(NonFiniteStatesError, match="last_hidden_states"):
+        decode_batch(fp8, "cpu")
