@@ -236,3 +236,57 @@ def test_training_refuses_a_batch_with_non_finite_states():
     }
     with pytest.raises(NonFiniteStatesError, match="last_hidden_states"):
         decode_batch(fp8, "cpu")
+
+
+# ---------------------------------------------------------------------- online training from servers
+def test_online_dataset_stopped_mid_epoch_leaves_no_capture_files(random_target, tmp_path):
+    """A DataLoader worker busy with a batch when the iterator is dropped (a run stopped mid-epoch)
+    is terminated by PyTorch after 5 s: the files of its captures in flight stay behind unless the
+    dataset's close() removes them."""
+    from torch.utils.data import DataLoader
+
+    from eagle3.train.dataset import Eagle3Collator, StoreDataset
+    from eagle3.train.server_states import ServerSource, ServerStatesDataset
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    chats = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(12, seed=4))
+    captures = {"n": 0}
+
+    async def slow_after_the_first_batch(server: FakeVllm, payload: dict) -> None:
+        if "probe" not in payload["request_id"] and not (payload.get("kv_transfer_params") or {}):
+            captures["n"] += 1
+            if captures["n"] > 2:  # files are written at once, answers come 60 s later
+                server.write_delay = 60.0
+
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN) as server:
+        ids = tmp_path / "ids"
+        assert _run(*_args(random_target, chats, ids, hidden, [server.url], "--no-states")).returncode == 0
+        server.hook = slow_after_the_first_batch
+        source = ServerSource(
+            model=str(random_target),
+            server_urls=(server.url,),
+            hidden_states_dir=str(hidden),
+            layers=(0, 3, 7),
+            num_layers=8,
+            hidden_size=HIDDEN,
+            max_length=2047,
+            concurrent_requests=4,
+            run_dir=str(tmp_path / "run"),
+        )
+        base = StoreDataset(HiddenStateStore(ids), states=False, max_length=2047)
+        dataset = ServerStatesDataset(base, source, "train", num_workers=1)
+        loader = DataLoader(dataset, batch_size=2, num_workers=1, prefetch_factor=2, collate_fn=Eagle3Collator())
+        try:
+            batches = iter(loader)
+            first = next(batches)
+            assert first["aux_hidden_states"].shape[-1] == NUM_IDS * HIDDEN
+            deadline = time.monotonic() + 60
+            while captures["n"] < 4:  # the worker's next batch is in flight
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            del batches  # stopped mid-epoch: the busy worker is terminated
+            assert any("-c-" in p.name for p in hidden.iterdir())  # its captures' files are there
+        finally:
+            dataset.close()
+    assert not list(hidden.iterdir())
