@@ -143,12 +143,27 @@ def store_header(args: CollectArgs, config, layers: list[int], tokenizer) -> dic
     }
 
 
+def hf_max_length(max_length: int, config) -> int:
+    """--max-length capped at the target's positions (``max_position_embeddings``): the hf backend
+    would otherwise run the target past them, as no server for it would."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        print(
+            f"run_collect.py: --max-length {max_length} capped at {positions}: the target has {positions} positions.",
+            file=sys.stderr,
+        )
+        return positions
+    return max_length
+
+
 def prepare(args: CollectArgs) -> Plan:
     config = load_target_config(args.model)
     if args.backend == "vllm":  # what a server for this target serves at most (see --print-server-command)
         from eagle3.collect.vllm_client import served_max_length
 
         args = replace(args, max_length=served_max_length(args.max_length, config))
+    else:
+        args = replace(args, max_length=hf_max_length(args.max_length, config))
     layers = resolve_layers(args, config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking, max_length=args.max_length)
