@@ -38,9 +38,9 @@ def test_one_name_for_the_target_layers_and_max_length():
     assert collect.layers == [0, 3] and train.layers == "0,3" and train.target_layers == train.layers
     assert train.base_model == "m"  # the former field name still reads
     assert collect.max_length == train.max_length == DEFAULT_MAX_LENGTH
-    recipe = parse_collect(
+    recipe = parse_collect(  # --concurrent-requests is a vLLM flag: refused with the hf backend (see below)
         "--model Qwen/Qwen3-1.7B --layers 0,13,27 --output-dir ./eagle_data --target-tokens 1000000 "
-        "--batch-size 8 --concurrent-requests 4 --dataset d".split()
+        "--batch-size 8 --concurrent-requests 4 --dataset d --backend vllm --server-url http://h:8000".split()
     )
     assert (recipe.layers, recipe.target_tokens, recipe.batch_size, recipe.concurrent_requests) == (
         [0, 13, 27],
@@ -285,3 +285,39 @@ def test_flags_of_their_own_mode_are_accepted():
     assert served.hidden_states_dir == "/dev/shm/h"
     budget = parse_train([*base, "--max-tokens-per-batch", "4096"])
     assert budget.train_sampling_strategy == "group_by_length"
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--concurrent-requests", "4"],
+        ["--server-url", "http://127.0.0.1:8000"],
+        ["--request-timeout", "30", "--max-request-attempts", "2"],
+        ["--hidden-states-dir", "/tmp/x"],
+    ],
+)
+def test_vllm_flags_with_the_hf_backend_are_refused(flags, capsys):
+    """Not silently ignored: the user believes they do something."""
+    err = exit_message(parse_collect, ["--model", "m", "--dataset", "d", "--output-dir", "o", *flags], capsys)
+    named = [flag for flag in flags if flag.startswith("--")]
+    assert f"{', '.join(named)}: only for --backend vllm" in err and "the hf backend" in err
+    # the same flags with --backend vllm, or printing the server command, are fine
+    parse_collect(["--model", "m", "--dataset", "d", "--output-dir", "o", "--backend", "vllm", *flags]
+                  + ([] if "--server-url" in flags else ["--server-url", "http://h:8000"]))  # fmt: skip
+    parse_collect(["--model", "m", "--output-dir", "o", "--print-server-command", *flags])
+
+
+@pytest.mark.parametrize(
+    "model", ["./models/Qwen3-8b", "/no/such/Qwen3-8B", "~/models/Qwen3-8B", "models/qwen/Qwen3-8B"]
+)
+def test_a_mistyped_local_model_path_is_reported_as_missing_not_as_a_hub_id(model, capsys):
+    err = exit_message(parse_collect, ["--model", model, "--dataset", "d", "--output-dir", "o"], capsys)
+    assert f"--model {model}: no such local folder" in err
+
+
+def test_hub_ids_and_existing_folders_still_pass_the_model_check(tmp_path, monkeypatch):
+    assert parse_collect(["--model", "Qwen/Qwen3-8B", "--dataset", "d", "--output-dir", "o"]).model == "Qwen/Qwen3-8B"
+    (tmp_path / "models" / "q").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    parsed = parse_collect(["--model", "./models/q", "--dataset", "d", "--output-dir", "o"])
+    assert parsed.model == str(tmp_path / "models" / "q")

@@ -248,7 +248,7 @@ def test_bad_inputs_have_clear_messages(trained_target, chats, tmp_path, capsys)
     code, _, err = run_main(
         ["--model", tmp_path / "no-model", "--dataset", chats, "--output-dir", tmp_path / "o"], capsys
     )
-    assert code == 2 and "cannot read the target config" in err
+    assert code == 2 and f"--model {tmp_path / 'no-model'}: no such local folder" in err  # not "a bad Hub id"
 
     port = _free_port()
     started = time.time()
@@ -405,3 +405,13 @@ def test_local_model_path_is_stored_absolute_and_resumes_however_typed(
     code, stdout, err = run_main(["--model", "target", *argv], capsys)
     assert code == 0, err
     assert "collected 0 samples" in stdout
+
+
+def test_hf_backend_caps_max_length_at_the_targets_positions(random_target, tmp_path, capsys):
+    """As the vLLM backend does (where a server could not serve more): the tiny target has 2048."""
+    chats = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(1, seed=2))
+    argv = ["--model", random_target, "--dataset", chats, "--output-dir", tmp_path / "out", "--quiet"]
+    code, _, err = run_main([*argv, "--no-regenerate", "--max-length", "4096"], capsys)
+    assert code == 0, err
+    assert "--max-length 4096 capped at 2048: the target has 2048 positions" in err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["max_length"] == 2048

@@ -9,13 +9,31 @@ length cap with the same default as training. A YAML/JSON file of these options 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.config import DEFAULT_MAX_LENGTH, parse_layers
 from eagle3.target import resolve_model
 
 DATA, REGEN, STORE, BACKEND = "data", "regeneration (train on the target's own answers)", "store", "backend"
+# Flags the hf backend has no use for: given with it, they would be silently ignored.
+VLLM_ONLY = (
+    "server_url",
+    "concurrent_requests",
+    "request_timeout",
+    "max_retries",
+    "max_request_attempts",
+    "hidden_states_dir",
+    "port",
+    "host",
+    "server_args",
+)
+
+
+def looks_like_a_path(model: str) -> bool:
+    """A Hub id is NAME or ORG/NAME: anything else with a slash (or ~) can only be a local path."""
+    return model.startswith(("./", "../", "/", "~")) or model.count("/") > 1
 
 
 @dataclass
@@ -162,6 +180,15 @@ class CollectArgs:
     max_retries: int = field(
         default=5, metadata={"section": BACKEND, "help": "vllm: retries (exponential backoff) per request."}
     )
+    max_request_attempts: int = field(
+        default=5,
+        metadata={
+            "section": BACKEND,
+            "help": "vllm: servers a request may be sent to (again) after failing on one (its server went down "
+            "or it failed its retries there); then the run stops naming it. Bounds a request that makes every "
+            "server fail, even servers that restart.",
+        },
+    )
     hidden_states_dir: str = field(
         default="/tmp/eagle3-hidden-states",
         metadata={
@@ -191,7 +218,8 @@ class CollectArgs:
     def __post_init__(self) -> None:
         # --layers arrives as text ("0,13,27") and is kept as a list of ints from here on.
         self.layers = parse_layers(self.layers, flag="--layers")
-        for name in ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens"):
+        positive = ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens")
+        for name in (*positive, "max_request_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.target_tokens is not None and self.target_tokens < 1:
@@ -210,6 +238,11 @@ class CollectArgs:
         if not self.model:
             raise ValueError("--model is required: the target model's folder or Hugging Face id")
         self.model = resolve_model(self.model)  # stored in the manifest: ./x and x resume alike
+        if looks_like_a_path(self.model) and not Path(self.model).expanduser().exists():
+            raise ValueError(
+                f"--model {self.model}: no such local folder (and not a Hugging Face id, which looks like "
+                "ORG/NAME); check the path."
+            )
         if self.print_server_command:
             return
         if not self.output_dir:
@@ -221,6 +254,20 @@ class CollectArgs:
         if self.backend == "vllm" and not self.server_url:
             raise ValueError(
                 "--backend vllm needs --server-url (start a server with the command --print-server-command prints)"
+            )
+        if self.backend == "hf":
+            self._refuse_vllm_flags()
+
+    def _refuse_vllm_flags(self) -> None:
+        """A vLLM flag given to the hf backend (its value differs from the default) is a mistake to
+        report, not an option to ignore: the user believes it does something."""
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(self)}
+        given = [name for name in VLLM_ONLY if getattr(self, name) != defaults[name]]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(
+                f"{flags}: only for --backend vllm (or --print-server-command); the hf backend (the default) "
+                "would ignore it. Add --backend vllm --server-url URL, or drop it."
             )
 
 

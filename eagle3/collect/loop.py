@@ -18,13 +18,16 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from eagle3.argparsing import prog_name
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import CollectError
 from eagle3.config import default_target_layers, to_vllm_layer_ids, validate_target_layers
 from eagle3.data.sources import Conversation, LoadStats, load_conversations
-from eagle3.data.store import DiskFullError, StoreWriter, read_manifest
+from eagle3.data.store import DiskFullError, NonFiniteSampleError, StoreWriter, read_manifest
 from eagle3.data.template import ChatRenderer, tokenizer_hash
 from eagle3.target import config_hash, load_target_config
+
+MAX_WARNINGS = 10  # samples named one by one; the summary counts them all
 
 
 class Backend(Protocol):
@@ -58,6 +61,7 @@ class Summary:
     seconds: float
     manifest: dict[str, Any]
     backend_lines: list[str] = field(default_factory=list)  # e.g. the vLLM servers and their requests
+    skipped_non_finite: int = 0  # samples whose states were inf/NaN (as stored): not stored
 
     def text(self) -> str:
         m = self.manifest
@@ -72,6 +76,11 @@ class Summary:
         ]
         if self.skipped_empty:
             lines.append(f"skipped {self.skipped_empty} conversations with no assistant token (after --max-length)")
+        if self.skipped_non_finite:
+            lines.append(
+                f"skipped {self.skipped_non_finite} samples whose hidden states hold inf/NaN as "
+                f"{m['hidden_dtype']} (not stored; a rerun tries them again)"
+            )
         if self.skipped_bad_lines:
             lines.append(f"skipped {self.skipped_bad_lines} malformed records (--skip-bad-lines)")
         lines += self.backend_lines
@@ -134,12 +143,27 @@ def store_header(args: CollectArgs, config, layers: list[int], tokenizer) -> dic
     }
 
 
+def hf_max_length(max_length: int, config) -> int:
+    """--max-length capped at the target's positions (``max_position_embeddings``): the hf backend
+    would otherwise run the target past them, as no server for it would."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        print(
+            f"run_collect.py: --max-length {max_length} capped at {positions}: the target has {positions} positions.",
+            file=sys.stderr,
+        )
+        return positions
+    return max_length
+
+
 def prepare(args: CollectArgs) -> Plan:
     config = load_target_config(args.model)
     if args.backend == "vllm":  # what a server for this target serves at most (see --print-server-command)
         from eagle3.collect.vllm_client import served_max_length
 
         args = replace(args, max_length=served_max_length(args.max_length, config))
+    else:
+        args = replace(args, max_length=hf_max_length(args.max_length, config))
     layers = resolve_layers(args, config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking, max_length=args.max_length)
@@ -217,7 +241,7 @@ def collect(args: CollectArgs) -> Summary:
     backend_lines: list[str] = []
     writer = plan.writer
     stored = writer.stored_tokens()
-    new_samples = new_tokens = skipped_empty = 0
+    new_samples = new_tokens = skipped_empty = skipped_non_finite = 0
     budget_left = None if plan.token_budget is None else max(plan.token_budget - stored, 0)
     if plan.conversations and budget_left != 0:
         backend = make_backend(plan)
@@ -238,7 +262,14 @@ def collect(args: CollectArgs) -> Summary:
                     skipped_empty += 1
                     bar.update(0 if by_tokens else 1)
                     continue
-                if writer.add(sample):
+                try:
+                    added = writer.add(sample)
+                except NonFiniteSampleError as error:  # one bad sample must not stop a long run
+                    skipped_non_finite += 1
+                    if skipped_non_finite <= MAX_WARNINGS:
+                        tqdm.write(f"{prog_name('run_collect.py')}: skipped {error}", file=sys.stderr)
+                    continue
+                if added:
                     new_samples += 1
                     new_tokens += len(sample.input_ids)
                     # the sample that crosses --target-tokens is kept whole; the bar stops at 100 %
@@ -269,4 +300,5 @@ def collect(args: CollectArgs) -> Summary:
         seconds=time.perf_counter() - started,
         manifest=read_manifest(args.output_dir),
         backend_lines=backend_lines,
+        skipped_non_finite=skipped_non_finite,
     )

@@ -16,6 +16,8 @@ the retries are exhausted the server is asked ``/health``:
   would otherwise take every server down in turn).
 
 When the last live server goes down, ``NoServerLive`` names every server and its last error.
+Callers bound how often one request is sent again (``--max-request-attempts``): a request that
+makes every server fail, even servers that restart and rejoin, must not be resent forever.
 Callers keep answers independent of the server (per-request seeds, run-wide length limits),
 so where a request ran never changes what is stored.
 """
@@ -26,7 +28,7 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from tqdm.auto import tqdm
@@ -165,7 +167,7 @@ class ServerPool:
         self.events.append(message)  # printed even with --quiet: a server going down is news
         tqdm.write(f"run_collect.py: {message}", file=sys.stderr)
 
-    def _no_server_live(self) -> NoServerLive:
+    def no_server_live(self) -> NoServerLive:
         states = "; ".join(f"{s.url}: {s.last_error}" for s in self.servers)
         return NoServerLive(
             f"no vLLM server is live ({states}). Everything completed is stored; start or fix the "
@@ -230,7 +232,7 @@ class ServerPool:
             while True:
                 live = [s for s in self.servers if s.live]
                 if not live:
-                    raise self._no_server_live()
+                    raise self.no_server_live()
                 live = [s for s in live if s not in exclude] or live
                 if prefer is not None and prefer.live and prefer.in_flight < self.capacity:
                     server = prefer
@@ -263,13 +265,20 @@ class ServerPool:
                 if attempt + 1 < attempts:
                     await self._until_down(server, asyncio.sleep(min(0.5 * 2**attempt, 30.0)))
         reason = _describe(last_error)
+        await self.give_up(
+            server,
+            reason,
+            f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
+            "answers /health: the request itself fails there (a request that takes longer than "
+            "--request-timeout? raise it; see the server's log otherwise).",
+        )
+
+    async def give_up(self, server: Server, reason: str, failed_there: str) -> NoReturn:
+        """A request failed on ``server`` for good: ``RequestFailed(failed_there)`` when the server
+        still answers /health (the request is what fails there), else the server is marked down
+        (its requests go elsewhere) and ``ServerDown``."""
         if server.live and await self._healthy(server):
-            raise RequestFailed(
-                f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
-                "answers /health: the request itself fails there (a request that takes longer than "
-                "--request-timeout? raise it; see the server's log otherwise).",
-                server,
-            )
+            raise RequestFailed(failed_there, server)
         await self._mark_down(server, reason)
         raise ServerDown(server.url)
 

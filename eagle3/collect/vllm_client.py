@@ -29,6 +29,7 @@ import glob
 import hashlib
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
-from eagle3.collect.server_pool import NoServerLive, RequestFailed, Server, ServerDown, ServerError, ServerPool
+from eagle3.collect.server_pool import RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
@@ -176,8 +177,41 @@ class _LostFile(Exception):
     """The server answered but its file is missing or incomplete (it died while writing)."""
 
 
-def _read_hidden_states(path: str) -> dict[str, torch.Tensor]:
-    """Read a connector file once its writer released the lock, then delete both files."""
+class _LockTimeout(Exception):
+    """The capture file stayed locked by its writer past the wait (a frozen server, a stalled filesystem)."""
+
+
+LOCK_POLL_SECONDS = (0.005, 0.2)  # first and longest sleep between tries of the capture file's lock
+
+
+def _lock_shared(lock, timeout: float) -> None:
+    """Shared flock on ``lock``, waiting at most ``timeout`` seconds. A blocking flock in a thread
+    could never be given up: a frozen writer would hang the run past --request-timeout."""
+    deadline = time.monotonic() + timeout
+    pause = LOCK_POLL_SECONDS[0]
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _LockTimeout(f"{lock.name} was still locked by its writer after {timeout:g} s") from None
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, LOCK_POLL_SECONDS[1])
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _read_hidden_states(path: str, lock_timeout: float) -> dict[str, torch.Tensor]:
+    """Read a connector file once its writer released the lock (``_LockTimeout`` after
+    ``lock_timeout`` seconds), then delete both files."""
     lock_path = path + ".lock"
     if not os.path.exists(path) and not os.path.exists(lock_path):
         raise ServerError(
@@ -187,18 +221,24 @@ def _read_hidden_states(path: str) -> dict[str, torch.Tensor]:
     try:
         if os.path.exists(lock_path):
             with open(lock_path) as lock:
-                fcntl.flock(lock, fcntl.LOCK_SH)  # sleeps until the writer thread is done (or died)
+                _lock_shared(lock, lock_timeout)  # until the writer thread is done (or died)
                 data = load_file(path)
             os.remove(lock_path)
         else:
             data = load_file(path)
     except (FileNotFoundError, SafetensorError) as error:
-        for leftover in (path, lock_path):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        _remove(path, lock_path)
         raise _LostFile(f"{path}: {error}") from None
+    except _LockTimeout:
+        # Given up: a writer that wakes up later leaves a file that close() removes (by tag).
+        _remove(path, lock_path)
+        raise
     os.remove(path)
     return data
+
+
+def _capture_name(key: int | str) -> str:
+    return f"capture of conversation {key}" if isinstance(key, int) else f"capture of {key}"
 
 
 @dataclass
@@ -208,6 +248,7 @@ class _Captured:
     key: int
     rendered: Any  # template.Rendered
     path: str | None  # None: --no-states, nothing was captured
+    server: Server | None = None  # the server that wrote the file
 
 
 class VllmBackend:
@@ -296,9 +337,9 @@ class VllmBackend:
                 f"{self._command_hint()}"
             )
         try:
-            states = (await asyncio.to_thread(_read_hidden_states, path))["hidden_states"]
-        except _LostFile as error:
-            raise ConnectionError(f"probe capture lost ({error})") from None
+            states = (await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout))["hidden_states"]
+        except (_LostFile, _LockTimeout) as error:  # like an unanswered request: probed again later
+            raise TimeoutError(f"probe capture lost ({error})") from None
         expected = (len(ids), len(self.capture_ids), self.hidden_size)
         if tuple(states.shape) != expected:
             raise ServerError(
@@ -318,26 +359,55 @@ class VllmBackend:
         }
 
     async def _on_a_server(
-        self, payload: Callable[[Server], dict[str, Any]], what: str, prefer: Server | None = None
+        self,
+        payload: Callable[[Server], dict[str, Any]],
+        what: str,
+        prefer: Server | None = None,
+        failed_on: set[Server] | None = None,
     ) -> tuple[Server, dict[str, Any]]:
         """POST /v1/completions on the preferred (or least-loaded) live server; again elsewhere when
-        that server goes down or fails this request while healthy. ``NoServerLive`` when no server
-        is left; the ``RequestFailed`` error once the request failed on every live server."""
-        failed_on: set[Server] = set()
+        that server goes down or fails this request while healthy, at most --max-request-attempts
+        times in all. ``NoServerLive`` when no server is left; the ``RequestFailed`` error once the
+        request failed on every live server (``failed_on``: where it failed already, updated)."""
+        failed_on = set() if failed_on is None else failed_on
+        failures: list[str] = []
         while True:
             server = await self.pool.acquire(prefer, exclude=frozenset(failed_on))
             try:
                 return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
             except ServerDown:
+                failures.append(f"{server.url} went down ({server.last_error})")
                 prefer = None
             except RequestFailed as error:
-                failed_on.add(server)
-                if all(s in failed_on for s in self.pool.servers if s.live):
-                    raise
-                tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
+                failures.append(f"{server.url} failed it")
+                self._failed_on_every_live_server(error, failed_on)
                 prefer = None
             finally:
                 await self.pool.release(server)
+            if len(failures) >= self.args.max_request_attempts:
+                raise self._gave_up(what, failures)
+
+    def _failed_on_every_live_server(self, error: RequestFailed, failed_on: set[Server]) -> None:
+        """Note where a request failed; raise ``error`` once that is every live server (``NoServerLive``
+        when none is live any more: the run then stops the way it does for that)."""
+        failed_on.add(error.server)
+        if not any(s.live for s in self.pool.servers):
+            raise self.pool.no_server_live()
+        if all(s in failed_on for s in self.pool.servers if s.live):
+            raise error
+        tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
+
+    def _gave_up(self, what: str, failures: list[str]) -> ServerError:
+        """The error for a request sent --max-request-attempts times: ``NoServerLive`` when no server is
+        live (that is what stops the run), else one naming the request and each failure."""
+        if not any(s.live for s in self.pool.servers):
+            return self.pool.no_server_live()
+        return ServerError(
+            f"{what} was sent {len(failures)} times (--max-request-attempts {self.args.max_request_attempts}) and "
+            f"failed every time: {'; '.join(failures)}. This request may be what makes the servers fail: see "
+            "their logs (or raise --max-request-attempts). Everything completed is stored; rerunning the same "
+            "command resumes (and sends this request again)."
+        )
 
     async def _generate(
         self, prompt: list[int], key: int, turn: int, prefer: Server | None
@@ -369,13 +439,17 @@ class VllmBackend:
                 ids.append(self.renderer.end_of_turn_id)
         return server, cut_at_stop(list(ids), self.stop_ids)
 
-    async def _capture(self, key: int | str, ids: list[int], prefer: Server | None) -> str:
-        what = f"capture of conversation {key}" if isinstance(key, int) else f"capture of {key}"
-        server, response = await self._on_a_server(lambda s: self._capture_payload(s, ids, f"{key}-c"), what, prefer)
+    async def _capture(
+        self, key: int | str, ids: list[int], prefer: Server | None, failed_on: set[Server] | None = None
+    ) -> tuple[str, Server]:
+        """(path of the capture file, the server that writes it)."""
+        server, response = await self._on_a_server(
+            lambda s: self._capture_payload(s, ids, f"{key}-c"), _capture_name(key), prefer, failed_on
+        )
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
         if path is None:
             raise ServerError(f"vLLM server {server.url} stopped returning hidden states; {self._command_hint()}")
-        return path
+        return path, server
 
     async def _process(self, conversation: Conversation) -> _Captured | None:
         messages = list(conversation.messages)
@@ -395,16 +469,25 @@ class VllmBackend:
             return None
         if self.args.hidden_dtype == "none":  # --no-states: ids and masks are the whole sample
             return _Captured(conversation.key, rendered, None)
-        return _Captured(conversation.key, rendered, await self._capture(conversation.key, rendered.input_ids, server))
+        path, server = await self._capture(conversation.key, rendered.input_ids, server)
+        return _Captured(conversation.key, rendered, path, server)
 
-    async def _read_states(self, key: int | str, ids: list[int], path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    async def _read_states(
+        self, key: int | str, ids: list[int], path: str, server: Server
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux [T, n_aux * H], last [T, H]) from a capture's file, captured again if its server
-        died while writing it."""
+        died while writing it, or elsewhere when the file stayed locked past --request-timeout
+        (a frozen writer or a stalled filesystem: that request failed on that server)."""
+        failed_on: set[Server] = set()
         for _ in range(3):
             try:
-                data = await asyncio.to_thread(_read_hidden_states, path)
+                data = await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout)
             except _LostFile:
-                path = await self._capture(key, ids, None)
+                path, server = await self._capture(key, ids, None)
+                continue
+            except _LockTimeout as error:
+                await self._locked_out(server, key, str(error), failed_on)
+                path, server = await self._capture(key, ids, None, failed_on)
                 continue
             if data["token_ids"].tolist() != ids:
                 raise ServerError(f"a vLLM server returned states for other tokens than sent ({path}).")
@@ -412,10 +495,27 @@ class VllmBackend:
             return states[:, self.aux_index].reshape(len(ids), -1), states[:, self.last_index].contiguous()
         raise ServerError(f"the capture of {key} was lost 3 times ({path}).")
 
+    async def _locked_out(self, server: Server, key: int | str, reason: str, failed_on: set[Server]) -> None:
+        """A capture whose file stayed locked counts as a request that failed on its server: that
+        server is marked down unless it answers /health; ``RequestFailed`` once every live server failed it."""
+        try:
+            await self.pool.give_up(
+                server,
+                f"capture file locked: {reason}",
+                f"{_capture_name(key)}: the file vLLM server {server.url} wrote stayed locked by its writer past "
+                f"--request-timeout {self.args.request_timeout:g} s ({reason}), although the server answers "
+                "/health: a stalled filesystem at --hidden-states-dir, or a stuck writer thread in the server? "
+                "See the server's log.",
+            )
+        except ServerDown:
+            pass  # its requests go to the other servers
+        except RequestFailed as error:
+            self._failed_on_every_live_server(error, failed_on)
+
     async def _to_sample(self, captured: _Captured) -> Sample:
         if captured.path is None:
             return to_sample(captured.key, captured.rendered, None, None)
-        aux, last = await self._read_states(captured.key, captured.rendered.input_ids, captured.path)
+        aux, last = await self._read_states(captured.key, captured.rendered.input_ids, captured.path, captured.server)
         return to_sample(captured.key, captured.rendered, aux, last)
 
     def states_for(self, batch: list[list[int]], name: str = "batch") -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -424,7 +524,7 @@ class VllmBackend:
 
         async def one(position: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
             key = f"{name}-{position}"
-            return await self._read_states(key, ids, await self._capture(key, ids, None))
+            return await self._read_states(key, ids, *await self._capture(key, ids, None))
 
         async def every() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch))))
@@ -436,7 +536,8 @@ class VllmBackend:
         """Samples in input order, with up to 2 x (slots of all servers) conversations in flight.
 
         Finished conversations wait for their turn as a file path, not in memory. When no server
-        is left, the finished ones are still yielded (in order) before ``NoServerLive``."""
+        is left (or a request fails for good), the finished ones are still yielded (in order) before
+        the error (``NoServerLive``, or the one naming the request)."""
         window = 2 * self.args.concurrent_requests * len(self.pool.servers)
         pending: deque[asyncio.Task] = deque()
         remaining = iter(conversations)
@@ -449,8 +550,8 @@ class VllmBackend:
                 try:
                     captured = self.loop.run_until_complete(pending.popleft())
                     yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except NoServerLive:
-                    yield from self._finished(pending)
+                except ServerError:  # no server left, or a request no server answers: the run stops
+                    yield from self._finished(pending)  # after storing what is finished
                     raise
         finally:
             for task in pending:
@@ -464,8 +565,8 @@ class VllmBackend:
                 captured = task.result()
                 try:
                     yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except NoServerLive:
-                    continue  # its file was lost with the last server: the rerun collects it
+                except ServerError:
+                    continue  # e.g. its file was lost with the last server: the rerun collects it
 
     def summary_lines(self) -> list[str]:
         servers = ", ".join(

@@ -11,9 +11,17 @@
 
 Nothing outside ``eagle3/data`` knows these layouts: the store writes through ``encode``, the
 dataset hands the stored tensors on as they are, and training calls ``decode_batch``.
+
+Non-finite values are never stored silently: fp16 overflows to inf above 65504, and one NaN in a
+token makes its whole fp8 row NaN (through the scale). The store checks ``all_finite`` on what it
+would write and refuses such a sample (collection skips and counts it); ``decode_batch`` refuses a
+training batch with non-finite states (a store collected before this check), where a NaN loss
+would otherwise only be smoothed out of the logs by the Trainer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -58,6 +66,16 @@ def encode(states: torch.Tensor, num_slots: int, hidden_dtype: str) -> dict[str,
     return {"": quantized.flatten(-2).contiguous(), SCALE_SUFFIX: scales.contiguous()}
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """No inf/NaN in any of ``tensors`` (encoded states). float8 data is skipped: ``encode`` gives a
+    row with an inf/NaN a non-finite scale, which is checked."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.dtype != FP8_DTYPE)
+
+
+class NonFiniteStatesError(ValueError):
+    """A training batch holds inf/NaN hidden states."""
+
+
 def decode(data: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Stored states (any leading shape, last dim num_slots * H) -> ``dtype`` on data's device."""
     if scales is None:
@@ -67,13 +85,25 @@ def decode(data: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype =
 
 
 def decode_batch(batch: dict, device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Dequantize a collated batch's scaled states on ``device`` (other entries untouched).
+    """The batch's states on ``device``, scaled ones dequantized (other entries untouched);
+    ``NonFiniteStatesError`` when they hold inf/NaN (a NaN loss would be hidden from the logs).
 
     Runs before the Trainer moves and casts the batch: DeepSpeed casts every floating tensor
-    to the model dtype, which would round the scales (bf16 keeps 8 bits of them).
+    to the model dtype, which would round the scales (bf16 keeps 8 bits of them). The check runs
+    on the device (one sync per micro-batch; the Trainer syncs once per micro-batch anyway).
     """
     for key in STATE_KEYS:
+        if key not in batch:
+            continue
         scales = batch.pop(key + SCALE_SUFFIX, None)
+        states = batch[key].to(device, non_blocking=True)
         if scales is not None:
-            batch[key] = decode(batch[key].to(device, non_blocking=True), scales.to(device, non_blocking=True), dtype)
+            states = decode(states, scales.to(device, non_blocking=True), dtype)
+        if not all_finite([states]):
+            raise NonFiniteStatesError(
+                f"a training batch holds inf/NaN in its {key}: the store was collected without the check that "
+                "now skips such samples (fp16 overflows above 65504; a NaN makes an fp8 row NaN). Collect it "
+                "again with this version (--hidden-dtype bf16 or fp8 keeps large values), or train online."
+            )
+        batch[key] = states
     return batch

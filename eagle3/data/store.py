@@ -50,7 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from eagle3.data.codecs import STATE_KEYS, STATE_TENSOR_NAMES, encode, has_states
+from eagle3.data.codecs import STATE_KEYS, STATE_TENSOR_NAMES, all_finite, encode, has_states
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -59,6 +59,10 @@ SHARD_GLOB = "shard-r*-*.safetensors"
 
 class StoreError(RuntimeError):
     """The store on disk is missing, inconsistent or was collected with other settings."""
+
+
+class NonFiniteSampleError(StoreError):
+    """A sample whose states would be stored as inf/NaN: refused, nothing of it is stored."""
 
 
 class DiskFullError(StoreError):
@@ -240,7 +244,8 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ writing
     def add(self, sample: Sample) -> bool:
-        """Queue a sample (written with the next shard); False when its key is already stored."""
+        """Queue a sample (written with the next shard); False when its key is already stored,
+        ``NonFiniteSampleError`` when its stored states would hold inf/NaN."""
         if sample.key in self.done_keys:
             return False
         self._pending.append(self._encoded(sample))  # encoded now: pending fp8 samples take half the memory
@@ -261,6 +266,13 @@ class StoreWriter:
             for key in STATE_KEYS:
                 for suffix, tensor in encode(getattr(sample, key), num_slots[key], hidden_dtype).items():
                     states[key + suffix] = tensor
+            if not all_finite(t for t in states.values() if t is not None):
+                overflow = (
+                    " (fp16 overflows above 65504; bf16 and fp8 keep such values)" if hidden_dtype == "fp16" else ""
+                )
+                raise NonFiniteSampleError(
+                    f"sample {sample.key}: its hidden states hold inf/NaN as {hidden_dtype}{overflow}"
+                )
         return Sample(input_ids=sample.input_ids, loss_mask=sample.loss_mask, key=sample.key, **states)
 
     def flush(self) -> None:

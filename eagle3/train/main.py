@@ -241,81 +241,89 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     if args.online and args.server_url:  # the states stream from vLLM servers (checked now, before training)
         source = server_source(args, plan)
         source.check()
-        train_set = ServerStatesDataset(train_set, source, "train")
-        eval_set = ServerStatesDataset(eval_set, source, "eval") if eval_set is not None else None
-    pad_multiple = 8 if (args.bf16 or args.fp16) else 1
-    longest = padded(max(train_set.lengths), pad_multiple)
-    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < longest:
-        raise Eagle3ConfigError(
-            f"--max-tokens-per-batch {args.max_tokens_per_batch} is smaller than the longest training sample "
-            f"({longest} tokens, padded; --max-length {args.max_length}). Raise it to at least {longest}, or lower "
-            "--max-length."
+        workers = args.dataloader_num_workers
+        train_set = ServerStatesDataset(train_set, source, "train", workers)
+        eval_set = ServerStatesDataset(eval_set, source, "eval", workers) if eval_set is not None else None
+    try:
+        pad_multiple = 8 if (args.bf16 or args.fp16) else 1
+        longest = padded(max(train_set.lengths), pad_multiple)
+        if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < longest:
+            raise Eagle3ConfigError(
+                f"--max-tokens-per-batch {args.max_tokens_per_batch} is smaller than the longest training sample "
+                f"({longest} tokens, padded; --max-length {args.max_length}). Raise it to at least {longest}, or lower "
+                "--max-length."
+            )
+
+        vocab_size = plan.target_config.vocab_size
+        counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
+        draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
+        data_stats = {
+            "hidden_states": (
+                ("online from vLLM servers" if args.server_url else "online")
+                if args.online
+                else store.manifest["hidden_dtype"]
+            ),
+            "num_train_samples": len(train_set),
+            "num_eval_samples": len(eval_set or []),
+            "num_train_tokens": int(sum(train_set.lengths)),
+            "num_train_assistant_tokens": int(counts.sum()),
+            "num_duplicates_dropped": store.num_duplicates,
+            "distinct_assistant_tokens": int((counts > 0).sum()),
+            "draft_vocab_size": int(draft_ids.numel()),
+            "draft_vocab_coverage": coverage(counts, draft_ids),
+        }
+        logger.info("data: %s", data_stats)
+        tokens = args.max_tokens_per_batch or args.per_device_train_batch_size * longest
+        estimate = memory_estimate(args, plan.target_config, int(draft_ids.numel()), tokens)
+        if args.should_log:
+            print(f"estimated peak memory per device (eagle3.train.memory_model):\n{estimate.table()}", flush=True)
+
+        head = TargetHead.from_pretrained(plan.base_model)
+        draft = build_draft(args, plan, head, draft_ids)
+        target = TargetProjector(head, draft_ids)
+        del head  # the draft and the projector hold what they need; the rest would only take memory
+        trainer = Eagle3Trainer(
+            model=draft,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=Eagle3Collator(pad_to_multiple_of=pad_multiple),
+            target=target,
+            data_stats=data_stats,
+            callbacks=callbacks,
+            export_dtype=export_dtype(plan.target_config),
+            online_target=(
+                OnlineTarget(
+                    plan.base_model, plan.target_layers, args.device, online_dtype(args.online_dtype, args.device)
+                )
+                if args.online and not args.server_url
+                else None
+            ),
         )
+        train_output = trainer.train(resume_from_checkpoint=resume)
+        timing = {
+            "train_runtime": train_output.metrics.get("train_runtime", 0.0),
+            "data_wait": trainer.data_wait_seconds,
+        }
 
-    vocab_size = plan.target_config.vocab_size
-    counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
-    draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
-    data_stats = {
-        "hidden_states": (
-            ("online from vLLM servers" if args.server_url else "online")
-            if args.online
-            else store.manifest["hidden_dtype"]
-        ),
-        "num_train_samples": len(train_set),
-        "num_eval_samples": len(eval_set or []),
-        "num_train_tokens": int(sum(train_set.lengths)),
-        "num_train_assistant_tokens": int(counts.sum()),
-        "num_duplicates_dropped": store.num_duplicates,
-        "distinct_assistant_tokens": int((counts > 0).sum()),
-        "draft_vocab_size": int(draft_ids.numel()),
-        "draft_vocab_coverage": coverage(counts, draft_ids),
-    }
-    logger.info("data: %s", data_stats)
-    tokens = args.max_tokens_per_batch or args.per_device_train_batch_size * longest
-    estimate = memory_estimate(args, plan.target_config, int(draft_ids.numel()), tokens)
-    if args.should_log:
-        print(f"estimated peak memory per device (eagle3.train.memory_model):\n{estimate.table()}", flush=True)
+        output_dir = Path(args.output_dir)
+        metrics = trainer.evaluate() if eval_set is not None else {}
+        trainer.save_draft(output_dir / FINAL_MODEL_DIR, metrics)
+        best = output_dir / BEST_MODEL_DIR
+        if args.should_save:
+            if not (best / "model.safetensors").exists():  # no eval split: the final model is the best we know
+                shutil.copytree(output_dir / FINAL_MODEL_DIR, best, dirs_exist_ok=True)
+            from eagle3.export.hub import write_model_card
 
-    head = TargetHead.from_pretrained(plan.base_model)
-    draft = build_draft(args, plan, head, draft_ids)
-    target = TargetProjector(head, draft_ids)
-    del head  # the draft and the projector hold what they need; the rest would only take memory
-    trainer = Eagle3Trainer(
-        model=draft,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=Eagle3Collator(pad_to_multiple_of=pad_multiple),
-        target=target,
-        data_stats=data_stats,
-        callbacks=callbacks,
-        export_dtype=export_dtype(plan.target_config),
-        online_target=(
-            OnlineTarget(plan.base_model, plan.target_layers, args.device, online_dtype(args.online_dtype, args.device))
-            if args.online and not args.server_url
-            else None
-        ),
-    )
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    timing = {"train_runtime": train_output.metrics.get("train_runtime", 0.0), "data_wait": trainer.data_wait_seconds}
-
-    output_dir = Path(args.output_dir)
-    metrics = trainer.evaluate() if eval_set is not None else {}
-    trainer.save_draft(output_dir / FINAL_MODEL_DIR, metrics)
-    best = output_dir / BEST_MODEL_DIR
-    if args.should_save:
-        if not (best / "model.safetensors").exists():  # no eval split: the final model is the best we know
-            shutil.copytree(output_dir / FINAL_MODEL_DIR, best, dirs_exist_ok=True)
-        from eagle3.export.hub import write_model_card
-
-        info = json.loads((best / EVAL_METRICS_FILE).read_text())
-        write_model_card(best, info, repo_id=repo_id)
-    if args.push_to_hub:
-        trainer.push_to_hub(repo_id=repo_id)
-    for dataset in (train_set, eval_set):
-        if isinstance(dataset, ServerStatesDataset):
-            dataset.close()
-    return metrics | {"train_runtime": timing["train_runtime"], "train_data_wait_seconds": timing["data_wait"]}
+            info = json.loads((best / EVAL_METRICS_FILE).read_text())
+            write_model_card(best, info, repo_id=repo_id)
+        if args.push_to_hub:
+            trainer.push_to_hub(repo_id=repo_id)
+        return metrics | {"train_runtime": timing["train_runtime"], "train_data_wait_seconds": timing["data_wait"]}
+    finally:  # also when training fails: no client left open, no capture file left behind
+        for dataset in (train_set, eval_set):
+            if isinstance(dataset, ServerStatesDataset):
+                dataset.close()
 
 
 def server_source(args: Eagle3TrainingArguments, plan: Plan) -> ServerSource:
