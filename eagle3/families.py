@@ -208,3 +208,27 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
     return text_backbone(model).norm
+
+
+def parameter_counts(model: str, family: TargetFamily) -> tuple[int, int]:
+    """(total, active per token) parameters of the model ``load_text_model`` loads, counted on a
+    meta-device instance (nothing allocated). MoE: only ``num_experts_per_tok`` of
+    ``num_experts`` routed experts are active; the memory a loaded target takes is the total."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model)
+    if family.auto_class == "causal_lm":
+        text = text_config(config)
+        auto, config = AutoModelForCausalLM, text
+    else:
+        auto, text = AutoModelForImageTextToText, text_config(config)
+    with torch.device("meta"):
+        meta_model = auto.from_config(config)
+    total = routed = 0
+    for name, parameter in meta_model.named_parameters():
+        total += parameter.numel()
+        if ".experts." in name or name.endswith(".experts"):
+            routed += parameter.numel()
+    experts = getattr(text, "num_experts", None) or 0
+    active_share = (getattr(text, "num_experts_per_tok", 0) or 0) / experts if experts else 1.0
+    return total, total - routed + int(routed * active_share)

@@ -199,3 +199,39 @@ def test_run_eval_hf_on_every_architecture(family_draft, target, tmp_path):
     args = ["--model", str(target), "--draft", str(family_draft), "--dataset", str(prompts)]
     report = evaluate(eval_args(args + ["--max-new-tokens", "10", "--output", str(tmp_path / "r.json")]))
     assert report.lossless is True and report.rounds > 0
+
+
+def test_parameter_counts_of_qwen3_30b_a3b(tmp_path):
+    """All experts count for memory, the routed share for compute: Qwen3-30B-A3B's published
+    30.5B total / 3.3B active, from its config alone (a meta-device instance)."""
+    from transformers import Qwen3MoeConfig
+
+    from eagle3.families import family_of, parameter_counts
+    from eagle3.train.memory_model import estimate_peak_memory, target_shape
+
+    config = Qwen3MoeConfig(
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        vocab_size=151936, max_position_embeddings=40960, tie_word_embeddings=False,
+    )  # fmt: skip
+    config.save_pretrained(tmp_path)
+    total, active = parameter_counts(str(tmp_path), family_of(config))
+    assert 30.4e9 < total < 30.6e9 and 3.3e9 < active < 3.4e9
+    shape = dict(target_shape(config), draft_vocab_size=32000, tokens_per_batch=2048)
+    offline = estimate_peak_memory(**shape)
+    online = estimate_peak_memory(**shape, online_target_bytes=total * 2)
+    assert online.total - offline.total == total * 2 and "frozen target" in online.table()
+    assert estimate_peak_memory(**shape, num_aux=5).total > offline.total  # more aux layers, wider fc
+
+
+def test_online_training_on_an_moe_target_prints_the_target_in_its_estimate(tmp_path, capsys):
+    """--online --dataset on Qwen3-MoE: the in-process target regenerates, captures and trains,
+    and the memory estimate printed before step 1 includes the whole target."""
+    target = family_target("qwen3_moe")
+    data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(6, seed=3))
+    argv = ["--model", str(target), "--online", "--dataset", str(data), "--output-dir", str(tmp_path / "out")]
+    argv += ["--max_steps", "2", "--eval-ratio", "0", "--report_to", "none", "--disable_tqdm", "true"]
+    argv += ["--draft-vocab-size", "256", "--ttt-steps", "2", "--dataloader_num_workers", "0"]
+    train(parse_args(argv))
+    assert "frozen target (--online, all experts)" in capsys.readouterr().out
+    assert errors(check_draft(tmp_path / "out" / "best_model", target)) == []

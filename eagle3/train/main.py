@@ -28,7 +28,8 @@ from eagle3.config import (
 )
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
-from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model
+from eagle3.families import parameter_counts
+from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model, target_family
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, padded, split_train_eval
 from eagle3.train.loss import TargetProjector
@@ -127,8 +128,14 @@ def export_dtype(target_config) -> torch.dtype:
     return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
 
 
-def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_size: int, tokens: int):
-    """The memory model for this run's shapes, precision and ZeRO settings."""
+def memory_estimate(args: Eagle3TrainingArguments, plan: Plan, draft_vocab_size: int, tokens: int):
+    """The memory model for this run's shapes, aux layers, precision and ZeRO settings, and the
+    frozen target itself when it runs in this process (``--online`` without servers)."""
+    target_config = plan.target_config
+    online_target_bytes = 0
+    if args.online and not args.server_url:
+        total, _ = parameter_counts(plan.base_model, target_family(target_config))
+        online_target_bytes = total * torch.finfo(online_dtype(args.online_dtype, args.device)).bits // 8
     ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
@@ -136,6 +143,8 @@ def memory_estimate(args: Eagle3TrainingArguments, target_config, draft_vocab_si
         **target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size),
         draft_vocab_size=draft_vocab_size,
         tokens_per_batch=tokens,
+        num_aux=len(plan.target_layers),
+        online_target_bytes=online_target_bytes,
         ttt_steps=args.ttt_steps,
         num_draft_layers=args.num_draft_layers,
         mixed_precision=bool(args.bf16 or args.fp16),
@@ -274,7 +283,7 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         }
         logger.info("data: %s", data_stats)
         tokens = args.max_tokens_per_batch or args.per_device_train_batch_size * longest
-        estimate = memory_estimate(args, plan.target_config, int(draft_ids.numel()), tokens)
+        estimate = memory_estimate(args, plan, int(draft_ids.numel()), tokens)
         if args.should_log:
             print(f"estimated peak memory per device (eagle3.train.memory_model):\n{estimate.table()}", flush=True)
 

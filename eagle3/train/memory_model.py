@@ -47,11 +47,13 @@ class MemoryEstimate:
     target_head: int
     activations: int
     tokens_per_batch: int
+    online_target: int = 0  # the whole frozen target, when --online runs it in this process
 
     @property
     def total(self) -> int:
         return (
-            self.trainable_weights
+            self.online_target
+            + self.trainable_weights
             + self.frozen_weights
             + self.gradients
             + self.optimizer_states
@@ -68,6 +70,8 @@ class MemoryEstimate:
             ("target norm + lm_head (loss)", self.target_head),
             (f"TTT activations ({self.tokens_per_batch} tokens per micro-batch)", self.activations),
         ]
+        if self.online_target:
+            rows.insert(0, ("frozen target (--online, all experts)", self.online_target))
         width = max(len(name) for name, _ in rows)
         lines = [f"  {name:<{width}}  {value / GIB:7.2f} GiB" for name, value in rows]
         lines.append(f"  {'estimated peak per device':<{width}}  {self.total / GIB:7.2f} GiB")
@@ -178,8 +182,13 @@ def estimate_peak_memory(
     zero_stage: int = 0,
     world_size: int = 1,
     offload_optimizer: bool = False,
+    online_target_bytes: int = 0,
 ) -> MemoryEstimate:
     """Estimated peak bytes on one device for micro-batches of ``tokens_per_batch`` padded tokens.
+
+    ``online_target_bytes``: the frozen target's weights when ``--online`` runs it on this device
+    (``eagle3.families.parameter_counts``: an MoE target needs all its experts resident, not
+    only the active ones); its forward's activations are freed before the draft's step.
 
     ZeRO-1/2 shard the AdamW states (and ZeRO-2 the gradients) over ``world_size``; ZeRO-3 also
     the trainable weights; ``offload_optimizer`` moves the AdamW states to host memory. The
@@ -213,6 +222,7 @@ def estimate_peak_memory(
         target_head=target_head,
         activations=per_token * tokens_per_batch,
         tokens_per_batch=tokens_per_batch,
+        online_target=online_target_bytes,
     )
 
 
