@@ -147,7 +147,7 @@ def build_tiny_target(
 ) -> Path:
     """Write a tiny Qwen3 checkpoint (config, safetensors, tokenizer) into ``output_dir``, trained
     in fp32 and saved in ``dtype`` (bfloat16: the dtype vLLM serves it in, as real Qwen3 ships)."""
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     output_dir = Path(output_dir)
     torch.manual_seed(seed)
@@ -174,18 +174,25 @@ def build_tiny_target(
     if trained:
         _train_briefly(model, tokenizer, corpus, train_steps, seed)
     model.eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=[config.eos_token_id, config.pad_token_id],
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(config)
     if dtype != "float32":
         model.to(getattr(torch, dtype))
         model.config.dtype = dtype
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def greedy_generation_config(config):
+    """Greedy decoding that stops at <|im_end|> or <|endoftext|>, as the tiny targets are served."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[config.eos_token_id, config.pad_token_id],
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+    )
 
 
 def _train_briefly(model, tokenizer, corpus: list[str], steps: int, seed: int) -> None:
@@ -217,14 +224,22 @@ def tiny_target(trained: bool = False, **kwargs) -> Path:
     """Path to a cached tiny Qwen3 target, building it on first use."""
     key = json.dumps({"recipe": RECIPE_VERSION, "trained": trained, **kwargs}, sort_keys=True)
     name = f"tiny-qwen3-{'trained' if trained else 'random'}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    final = cache_dir() / name
-    if (final / "model.safetensors").exists():
+    return _cached_build(
+        cache_dir() / name, "model.safetensors", lambda staging: build_tiny_target(staging, trained=trained, **kwargs)
+    )
+
+
+def _cached_build(final: Path, marker: str, build) -> Path:
+    """``final``, built by ``build(staging_dir)`` on first use (``marker``: the file that says it is
+    complete). Written to a staging folder and renamed, so that concurrent test workers never
+    see half a model and an interrupted build leaves nothing behind."""
+    if (final / marker).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
     try:
-        build_tiny_target(staging, trained=trained, **kwargs)
-    except BaseException:  # failed or interrupted: leave no half-built folder behind
+        build(staging)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     try:
@@ -351,7 +366,7 @@ def build_qwen3_target(
     ~1000 centred values) and greedy generation never leaves the tokenizer's ids. Weights are
     drawn tensor by tensor, one shard in memory at a time (a 1.7B target needs ~4 GB, not 8).
     """
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -380,12 +395,7 @@ def build_qwen3_target(
     )  # fmt: skip
     config.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=[config.eos_token_id, config.pad_token_id],
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-    ).save_pretrained(output_dir)
+    greedy_generation_config(config).save_pretrained(output_dir)
     return output_dir
 
 
@@ -440,17 +450,11 @@ def qwen3_target(shape: str = "small", layout: str = "tied", dtype: str = "bfloa
     """Path to a cached ``build_qwen3_target`` checkpoint, building it on first use."""
     key = json.dumps({"shape": shape, "layout": layout, "dtype": dtype, **kwargs}, sort_keys=True)
     name = f"{shape}-{layout}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    final = cache_dir() / name
-    if (final / "model.safetensors.index.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=final.parent))
-    build_qwen3_target(staging, shape=shape, layout=layout, dtype=dtype, **kwargs)
-    try:
-        staging.rename(final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _cached_build(
+        cache_dir() / name,
+        "model.safetensors.index.json",
+        lambda staging: build_qwen3_target(staging, shape=shape, layout=layout, dtype=dtype, **kwargs),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +483,10 @@ _TINY_HYBRID = dict(
     linear_num_value_heads=2,
     partial_rotary_factor=0.25,
 )
+# Qwen3-VL's multimodal rope sections (text positions use them as plain 1-D rope).
+_TINY_MROPE = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 12, 12], "mrope_interleaved": True}
+)
 _TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128)
 
 # name -> (config class, model class, text config, wrapped in a multimodal config?)
@@ -498,33 +506,11 @@ FAMILY_TARGETS: dict[str, tuple[str, str, dict, bool]] = {
         dict(shared_expert_intermediate_size=64, **_TINY_MOE, **_TINY_HYBRID),
         True,
     ),
-    "qwen3_vl": (
-        "Qwen3VLConfig",
-        "Qwen3VLForConditionalGeneration",
-        dict(
-            intermediate_size=256,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [8, 12, 12],
-                "mrope_interleaved": True,
-            },
-        ),
-        True,
-    ),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(intermediate_size=256, **_TINY_MROPE), True),
     "qwen3_vl_moe": (
         "Qwen3VLMoeConfig",
         "Qwen3VLMoeForConditionalGeneration",
-        dict(
-            intermediate_size=256,
-            **_TINY_MOE,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 5000000.0,
-                "mrope_section": [8, 12, 12],
-                "mrope_interleaved": True,
-            },
-        ),
+        dict(intermediate_size=256, **_TINY_MOE, **_TINY_MROPE),
         True,
     ),
 }
@@ -566,7 +552,7 @@ def build_family_target(
     families, around 1 for the others), so a norm read with the wrong convention shows at once;
     embedding and head rows past the tokenizer's ids are zero (greedy text stays decodable)."""
     import transformers
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_target())
     config = _family_config(name, tied, {**_TINY_TEXT, **FAMILY_TARGETS[name][2], **(text_overrides or {})}, tokenizer)
@@ -581,12 +567,7 @@ def build_family_target(
                 parameter.copy_(torch.randn_like(parameter) * 0.2 + (0.0 if zero_centred else 1.0))
         model.get_input_embeddings().weight[used:] = 0
         model.get_output_embeddings().weight[used:] = 0
-    model.generation_config = GenerationConfig(
-        bos_token_id=text_config.bos_token_id,
-        eos_token_id=[text_config.eos_token_id, text_config.pad_token_id],
-        pad_token_id=text_config.pad_token_id,
-        do_sample=False,
-    )
+    model.generation_config = greedy_generation_config(text_config)
     if dtype != "float32":
         model.to(getattr(torch, dtype))
     config.dtype = dtype
@@ -602,20 +583,9 @@ def family_target(name: str, tied: bool = False, dtype: str = "float32", **kwarg
         cache_dir()
         / f"family-{name}-{'tied' if tied else 'untied'}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     )
-    if (final / "config.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    try:
-        build_family_target(staging, name, tied=tied, dtype=dtype, **kwargs)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        staging.rename(final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _cached_build(
+        final, "config.json", lambda staging: build_family_target(staging, name, tied=tied, dtype=dtype, **kwargs)
+    )
 
 
 # Published text configs at their real widths, for the family rehearsal (bench/rehearsal.py):
@@ -676,45 +646,30 @@ FAMILY_SHAPES: dict[str, tuple[str, bool, dict]] = {
 def family_shape_target(shape: str, dtype: str = "bfloat16", seed: int = 0) -> Path:
     """A cached random-weight checkpoint at ``FAMILY_SHAPES[shape]``, written shard by shard from a
     meta-device instance of its transformers class (names exactly as that class saves them)."""
-    import transformers
-    from transformers import AutoTokenizer, GenerationConfig
-
-    name, tied, dims = FAMILY_SHAPES[shape]
     key = json.dumps({"shape": shape, "dtype": dtype, "seed": seed, "v": 1}, sort_keys=True)
     final = cache_dir() / f"{shape}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    if (final / "model.safetensors.index.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tiny_target())
-        config = _family_config(name, tied, dims, tokenizer)
-        config.dtype = dtype
-        with torch.device("meta"):
-            names = {
-                n: tuple(t.shape)
-                for n, t in getattr(transformers, FAMILY_TARGETS[name][1])(config).state_dict().items()
-            }
-        if tied:
-            names.pop("lm_head.weight", None)
-        zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
-        _write_random_checkpoint(
-            staging, names, dtype, seed, used=len(tokenizer), norm_centre=0.0 if zero_centred else 1.0
-        )
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        text = config.get_text_config()
-        GenerationConfig(
-            bos_token_id=text.bos_token_id,
-            eos_token_id=[text.eos_token_id, text.pad_token_id],
-            pad_token_id=text.pad_token_id,
-            do_sample=False,
-        ).save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    try:
-        staging.rename(final)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return _cached_build(
+        final, "model.safetensors.index.json", lambda staging: _build_family_shape(staging, shape, dtype, seed)
+    )
+
+
+def _build_family_shape(staging: Path, shape: str, dtype: str, seed: int) -> None:
+    import transformers
+    from transformers import AutoTokenizer
+
+    name, tied, dims = FAMILY_SHAPES[shape]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target())
+    config = _family_config(name, tied, dims, tokenizer)
+    config.dtype = dtype
+    with torch.device("meta"):
+        names = {
+            n: tuple(t.shape) for n, t in getattr(transformers, FAMILY_TARGETS[name][1])(config).state_dict().items()
+        }
+    if tied:
+        names.pop("lm_head.weight", None)
+    zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
+    _write_random_checkpoint(staging, names, dtype, seed, used=len(tokenizer), norm_centre=0.0 if zero_centred else 1.0)
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    text = config.get_text_config()
+    greedy_generation_config(text).save_pretrained(staging)

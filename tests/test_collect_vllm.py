@@ -55,7 +55,9 @@ def _run(*argv: str | Path, check: bool = True) -> _Result:
 
 
 @contextlib.contextmanager
-def _serve(trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm"):
+def _serve(
+    trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm", layers=LAYERS, server_args=SERVER_ARGS
+):
     """A real vLLM server started with run_collect.py --print-server-command, always stopped."""
     printed = _run(
         "--model",
@@ -63,7 +65,7 @@ def _serve(trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm
         "--output-dir",
         "unused",
         "--layers",
-        LAYERS,
+        layers,
         "--print-server-command",
         "--port",
         free_port(),
@@ -71,12 +73,12 @@ def _serve(trained_target, tmp_path_factory, hidden_dir: Path, name: str = "vllm
         "127.0.0.1",
         "--hidden-states-dir",
         hidden_dir,
-        f"--server-args={SERVER_ARGS}",
+        f"--server-args={server_args}",
     ).stdout
     log_path = tmp_path_factory.mktemp("logs") / f"{name}.log"
     try:
         with vllm_server(shlex.split(printed), log_path, env={"PYTHONPATH": str(REPO)}) as started:
-            yield {**started, "hidden_dir": hidden_dir}
+            yield {**started, "hidden_dir": hidden_dir, "command": printed}
     except RuntimeError as error:  # did not start: show its log
         pytest.fail(str(error))
 

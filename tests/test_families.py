@@ -125,22 +125,27 @@ def test_check_fails_on_a_draft_trained_before_the_norm_was_known(tmp_path):
         assert ("does not record which final-norm convention" in messages) == bad
 
 
-@pytest.mark.parametrize(("name", "tied"), TARGETS, ids=IDS)
-def test_collect_train_check(name, tied, tmp_path, capsys):
-    """The documented pipeline on each architecture: collect (hf) -> train -> check."""
-    target = family_target(name, tied=tied)
-    data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(6, seed=2))
+def collect_and_train(target: Path, work: Path, chats: int = 6, steps: int = 2, *collect_flags: str) -> Path:
+    """collect (hf) -> train, the documented commands with test-sized settings; the best_model folder."""
+    data = write_jsonl(work / "chats.jsonl", synthetic_conversations(chats, seed=2))
     collect_main(
-        ["--model", str(target), "--dataset", str(data), "--output-dir", str(tmp_path / "data")]
-        + ["--max-new-tokens", "8", "--batch-size", "6", "--quiet"]
+        ["--model", str(target), "--dataset", str(data), "--output-dir", str(work / "data")]
+        + ["--max-new-tokens", "8", "--batch-size", str(chats), "--quiet", *collect_flags]
     )
-    output_dir = tmp_path / "out"
-    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(output_dir), "--max_steps", "2"]
-    argv += ["--eval-ratio", "0", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none"]
+    output_dir = work / "out"
+    argv = ["--data-dir", str(work / "data"), "--output-dir", str(output_dir), "--max_steps", str(steps)]
+    argv += ["--eval-ratio", "0", "--save_strategy", "steps", "--save_steps", str(steps), "--report_to", "none"]
     argv += ["--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "2"]
     argv += ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "2"]
     train(parse_args(argv))
-    best = output_dir / "best_model"
+    return output_dir / "best_model"
+
+
+@pytest.mark.parametrize(("name", "tied"), TARGETS, ids=IDS)
+def test_collect_train_check(name, tied, tmp_path):
+    """The documented pipeline on each architecture: collect (hf) -> train -> check."""
+    target = family_target(name, tied=tied)
+    best = collect_and_train(target, tmp_path)
     assert errors(check_draft(best, target)) == [], check_draft(best, target)
     config = json.loads((best / "config.json").read_text())
     assert config["target_final_norm"] == ("zero_centred" if name.startswith(("qwen3_next", "qwen3_5")) else "standard")

@@ -6,7 +6,6 @@ CPU, which the test targets use). What it cannot run here is named in docs/TRAIN
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,14 @@ from eagle3.collect.hf import capture_states
 from eagle3.data.store import HiddenStateStore
 from eagle3.families import load_text_model
 from eagle3.target import load_target_config, target_family
-from eagle3.testing import family_target, free_port, synthetic_conversations, vllm_server, write_jsonl
+from eagle3.testing import family_target, synthetic_conversations, write_jsonl
 
 try:
-    from tests.test_collect_vllm import _assert_bf16_close, _run
+    from tests.test_collect_vllm import _assert_bf16_close, _run, _serve
+    from tests.test_families import collect_and_train
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from test_collect_vllm import _assert_bf16_close, _run
+    from test_collect_vllm import _assert_bf16_close, _run, _serve
+    from test_families import collect_and_train
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -29,31 +30,16 @@ pytest.importorskip("vllm")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_hybrid_capture_equals_hf(tmp_path):
+def test_hybrid_capture_equals_hf(tmp_path, tmp_path_factory):
     """Qwen3-Next through the printed server command (prefix caching off for hybrid models):
     every stored state equals the hf forward's, as for dense targets."""
     target = family_target("qwen3_next", dtype="bfloat16")
     hidden_dir = tmp_path / "hidden"
     hidden_dir.mkdir()
-    printed = _run(
-        "--model",
-        target,
-        "--output-dir",
-        "unused",
-        "--layers",
-        "0,2,3",
-        "--print-server-command",
-        "--port",
-        free_port(),
-        "--host",
-        "127.0.0.1",
-        "--hidden-states-dir",
-        hidden_dir,
-        "--server-args=--enforce-eager --max-model-len 512",
-    ).stdout
-    assert "--no-enable-prefix-caching" in printed
     data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(3, seed=4))
-    with vllm_server(shlex.split(printed), tmp_path / "server.log", env={"PYTHONPATH": str(REPO)}) as server:
+    server_args = "--enforce-eager --max-model-len 512"
+    with _serve(target, tmp_path_factory, hidden_dir, "hybrid", layers="0,2,3", server_args=server_args) as server:
+        assert "--no-enable-prefix-caching" in server["command"]
         _run(
             "--model",
             target,
@@ -89,23 +75,9 @@ def test_hybrid_capture_equals_hf(tmp_path):
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_next"])
 def test_trained_draft_is_lossless_in_vllm(name, tmp_path, vllm_bench):
     """collect (hf) -> train -> vLLM eagle3 at T=0: identical to target-only."""
-    from eagle3.collect.cli import main as collect_main
-    from eagle3.train.args import parse_args
-    from eagle3.train.main import train
-
     target = family_target(name, dtype="bfloat16")
-    data = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(8, seed=2))
-    collect_main(
-        ["--model", str(target), "--dataset", str(data), "--output-dir", str(tmp_path / "data")]
-        + ["--max-new-tokens", "12", "--batch-size", "8", "--quiet", "--dtype", "float32"]
-    )
-    out = tmp_path / "out"
-    argv = ["--data-dir", str(tmp_path / "data"), "--output-dir", str(out), "--max_steps", "4"]
-    argv += ["--eval-ratio", "0", "--save_strategy", "steps", "--save_steps", "4", "--report_to", "none"]
-    argv += ["--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "3"]
-    argv += ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "2"]
-    train(parse_args(argv))
-    result = vllm_bench(target, [out / "best_model"], tmp_path, baseline=True, max_tokens=16)
-    run = result["drafts"][str(out / "best_model")]
+    best = collect_and_train(target, tmp_path, 8, 4, "--dtype", "float32")
+    result = vllm_bench(target, [best], tmp_path, baseline=True, max_tokens=16)
+    run = result["drafts"][str(best)]
     assert run["token_ids"] == result["baseline"]["token_ids"]
     assert run["num_drafts"] > 0
