@@ -23,6 +23,8 @@ An architecture not listed here is refused with a message that says what is know
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +168,21 @@ def final_norm(last_hidden_states: torch.Tensor, weight: torch.Tensor, eps: floa
 
 
 # ------------------------------------------------------------------------- the loaded text model
+@contextlib.contextmanager
+def without_zero3_init() -> Iterator[None]:
+    """Build or load a full, unpartitioned model even inside a ZeRO-3 run: transformers would
+    otherwise partition it with ``zero.Init`` (the frozen target is never handed to DeepSpeed, so
+    nobody would gather it; a meta-device instance cannot be initialised that way at all)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_text_model(model: str, family: TargetFamily, **kwargs) -> torch.nn.Module:
     """The target with its lm_head, for generation and capture (``from_pretrained`` kwargs pass on).
 
@@ -222,7 +239,7 @@ def parameter_counts(model: str, family: TargetFamily) -> tuple[int, int]:
         auto, config = AutoModelForCausalLM, text
     else:
         auto, text = AutoModelForImageTextToText, text_config(config)
-    with torch.device("meta"):
+    with without_zero3_init(), torch.device("meta"):
         meta_model = auto.from_config(config)
     total = routed = 0
     for name, parameter in meta_model.named_parameters():

@@ -34,12 +34,12 @@ def _reference_final_norm(target: str | Path, hidden_size: int, eps: float) -> t
     loaded by the caller."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from eagle3.families import family_of, final_norm_module
+    from eagle3.families import family_of, final_norm_module, without_zero3_init
 
     config = AutoConfig.from_pretrained(str(target))
     family = family_of(config, source=str(target))
     auto = AutoModelForCausalLM if family.auto_class == "causal_lm" else AutoModelForImageTextToText
-    with torch.device("meta"):
+    with without_zero3_init(), torch.device("meta"):
         meta_model = auto.from_config(config)
     norm_class = type(final_norm_module(meta_model))
     return norm_class(hidden_size, eps)

@@ -10,17 +10,15 @@ without gradients, and the TTT loss proceeds exactly as offline (``Eagle3Trainer
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers.integrations import deepspeed as hf_deepspeed
 
 from eagle3.collect.hf import capture_states
 from eagle3.config import parse_layers
-from eagle3.families import load_text_model
+from eagle3.families import load_text_model, without_zero3_init
 from eagle3.target import load_target_config, target_family
 
 ONLINE_DATA_DIR = "online_data"
@@ -34,18 +32,6 @@ def online_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-@contextlib.contextmanager
-def _without_zero3_init() -> Iterator[None]:
-    """Load a full, unpartitioned copy even under ZeRO-3: transformers would otherwise shard the
-    target with ``zero.Init`` (it is never handed to DeepSpeed, so nobody would gather it)."""
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 class OnlineTarget:
     """The frozen target on this rank's device; called with a right-padded batch of ids."""
 
@@ -53,7 +39,7 @@ class OnlineTarget:
         self.device = torch.device(device)
         self.dtype = dtype
         self.layers = list(layers)
-        with _without_zero3_init():
+        with without_zero3_init():
             family = target_family(load_target_config(model))
             self.model = load_text_model(model, family, dtype=dtype, device_map={"": self.device})
         self.model.requires_grad_(False).eval()
