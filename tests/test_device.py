@@ -182,3 +182,19 @@ def test_run_eval_stops_before_loading_models(gpu_machine, random_target, tmp_pa
     argv = ["--model", str(random_target), "--draft", str(tmp_path / "draft"), "--dataset", str(prompts)]
     with pytest.raises(EvalInputError, match="make clean && make install"):
         evaluate(parse_args(argv))
+
+
+def test_the_readme_names_what_a_gpu_user_needs():
+    """The README's "Start here" and the messages here give the same requirements."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start_here = readme[readme.index("## Start here") : readme.index("## What EAGLE-3 is")]
+    for needed in (
+        "eagle3 env",
+        f"make install EXTRAS={dev.GPU_EXTRAS}",
+        f"R{dev.MIN_DRIVER[13]} ({dev.MIN_DRIVER[13]}.x) or newer",
+        "python3.11-venv",
+        "PYTHON=python3.11 make install",
+        f"{dev.ALLOW_CPU_ENV}=1",
+        "make clean && make install",
+    ):
+        assert needed in start_here, needed
