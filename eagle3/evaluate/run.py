@@ -81,6 +81,7 @@ def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
 def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     import torch
 
+    from eagle3.evaluate.sampling import filter_target_logits
     from eagle3.evaluate.speculative import SpeculativeDecoder
     from eagle3.families import load_text_model
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
@@ -95,6 +96,7 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     target = load_text_model(args.model, family, dtype=dtype, device_map=device)
     draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
+    filter_target_logits(target, args.temperature, args.top_p, args.top_k)  # vLLM's top-k/top-p, target only
     decoder = SpeculativeDecoder(
         target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed, draft_sampling=args.draft_sampling
     )
@@ -105,6 +107,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        draft_sampling=args.draft_sampling,
         num_prompts=len(prompts),
         rounds=0,
         accepted_tokens=0,
@@ -149,6 +154,8 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     common = dict(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
         max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -157,7 +164,12 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, "auto"),
     )
     speculative = run_vllm_in_subprocess(
-        args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
+        args.model,
+        prompts,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
+        draft_sample_method=args.draft_sampling,
+        **common,
     )
     baseline = None if args.no_baseline else run_vllm_in_subprocess(args.model, prompts, **common)
     per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[
@@ -170,6 +182,9 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        draft_sampling=args.draft_sampling,
         num_prompts=len(prompts),
         rounds=speculative.num_drafts,
         accepted_tokens=speculative.num_accepted_tokens,
@@ -178,6 +193,7 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         seconds_speculative=speculative.seconds,
         seconds_baseline=baseline.seconds if baseline else None,
         lossless=(baseline.token_ids == speculative.token_ids) if baseline and args.temperature == 0 else None,
+        speculative_config=speculative.speculative_config,
     )
 
 
