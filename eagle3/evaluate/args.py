@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eagle3.argparsing import module_available, parse_dataclass
+from eagle3.data.template import THINKING_HELP, parse_thinking
 
 
 @dataclass
@@ -51,7 +52,8 @@ class EvalArgs:
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per prompt."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (default: all)."})
-    enable_thinking: bool = field(default=False, metadata={"help": "Qwen3 chat template thinking switch."})
+    # "auto" | "true" | "false"; "auto", True or False after parsing (see run_collect.py's flag)
+    enable_thinking: str = field(default="auto", metadata={"help": THINKING_HELP, "nargs": "?", "const": "true"})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Write the report as JSON here."})
     plot: str | None = field(
@@ -98,6 +100,7 @@ class EvalArgs:
     )
 
     def __post_init__(self) -> None:
+        self.enable_thinking = parse_thinking(self.enable_thinking)
         for name, what in (("model", "the target's folder or Hub id"), ("draft", "the draft folder")):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required: {what}")

@@ -13,6 +13,7 @@ temperature 0), so at temperature 0 they should agree up to numerics.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -55,13 +56,15 @@ def validate(args: EvalArgs) -> None:
 def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
     """Token ids of each conversation's messages before its first answer, as served."""
     from eagle3.data.sources import SourceError, load_conversations
-    from eagle3.data.template import ChatRenderer
+    from eagle3.data.template import ChatRenderer, resolve_thinking
 
     try:
         conversations, _ = load_conversations(args.dataset, split=args.dataset_split)
     except SourceError as error:
         raise EvalInputError(str(error)) from None
-    renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking)
+    thinking, statement = resolve_thinking(args.enable_thinking, tokenizer)
+    print(f"run_eval.py: {statement}", file=sys.stderr)
+    renderer = ChatRenderer(tokenizer, enable_thinking=thinking)
     prompts = []
     for conversation in conversations:
         messages = []
