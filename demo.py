@@ -67,6 +67,10 @@ def main() -> int:
             "32",
             "--max-new-tokens",
             "64",
+            # the tiny target learned empty think blocks in its answers: serve it (and so train for it)
+            # without thinking, as the demo always has; a real Qwen3 defaults to thinking on
+            "--enable-thinking",
+            "false",
         ],
     )
     if not (model / "best_model" / "model.safetensors").exists():
@@ -122,6 +126,8 @@ def main() -> int:
                 str(heldout),
                 "-k",
                 str(K),
+                "--enable-thinking",
+                "false",
                 "--max-new-tokens",
                 "64",
                 "--output",

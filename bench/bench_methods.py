@@ -61,6 +61,7 @@ def collect(out: Path, target: Path, conversations: int, max_new_tokens: int) ->
         print(f"collecting {conversations} conversations -> {data}", flush=True)
         command = [sys.executable, "run_collect.py", "--model", str(target), "--dataset", str(chats)]
         command += ["--output-dir", str(data), "--batch-size", "32", "--max-new-tokens", str(max_new_tokens)]
+        command += ["--enable-thinking", "false"]  # the tiny target answers with empty think blocks
         run(command + ["--quiet"], out / "collect.log")
     return data
 
@@ -141,7 +142,7 @@ def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[lis
     from eagle3.testing import synthetic_conversations, write_jsonl
 
     path = write_jsonl(out / "heldout.jsonl", synthetic_conversations(count, seed=12345))
-    args = parse_args(["--model", str(target), "--draft", "-", "--dataset", str(path)])
+    args = parse_args(["--model", str(target), "--draft", "-", "--dataset", str(path), "--enable-thinking", "false"])
     return path, load_prompts(args, AutoTokenizer.from_pretrained(target))
 
 
@@ -178,6 +179,7 @@ def measure_hf(
             report_file.parent.mkdir(parents=True, exist_ok=True)
             args = ["--model", str(target), "--draft", str(path), "--dataset", str(prompts_file), "-k", str(k)]
             args += ["--max-new-tokens", str(max_tokens), "--no-baseline", "--output", str(report_file), *extra]
+            args += ["--enable-thinking", "false"]  # as collect() rendered the training data
             evaluate(parse_args(args))
         report = json.loads(report_file.read_text())
         views[name] = {

@@ -72,7 +72,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     problems = check_draft(args.draft_dir, args.model)
     print(format_report(args.draft_dir, args.model, problems))
-    return 1 if errors(problems) else 0
+    if errors(problems):
+        return 1
+    print(serving_recommendation(args.draft_dir))
+    return 0
+
+
+def serving_recommendation(draft_dir: str | Path) -> str:
+    """What to put in vLLM's speculative config for this draft, printed after a passing check:
+    the one setting the contract check cannot see but that decides acceptance above temperature 0."""
+    import json
+
+    from eagle3.export.serving import sampling_advice
+
+    vocab_size = json.loads((Path(draft_dir) / "config.json").read_text()).get("vocab_size")
+    return "\n".join(
+        [
+            "",
+            "Serve it with:",
+            f'  speculative_config={{"model": "{draft_dir}", "method": "eagle3", "num_speculative_tokens": 3,',
+            '                      "draft_sample_method": "probabilistic"}',
+            sampling_advice(vocab_size),
+        ]
+    )
 
 
 def _cmd_new_draft(args: argparse.Namespace) -> int:

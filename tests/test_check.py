@@ -164,6 +164,8 @@ def test_console_script_exit_codes(good_draft, random_target, tmp_path):
         text=True,
     )
     assert ok.returncode == 0 and "OK:" in ok.stdout
+    # the recommendation comes after the report, only for a draft that passes
+    assert ok.stdout.index('"draft_sample_method": "probabilistic"') > ok.stdout.index("OK:")
     path = broken_copy(good_draft, tmp_path, _drop_qk_norm)
     bad = subprocess.run(
         [sys.executable, "-m", "eagle3.cli", "check", str(path), "--target", str(random_target)],
@@ -171,7 +173,7 @@ def test_console_script_exit_codes(good_draft, random_target, tmp_path):
         text=True,
     )
     assert bad.returncode == 1
-    assert "q_norm" in bad.stdout and "fix:" in bad.stdout
+    assert "q_norm" in bad.stdout and "fix:" in bad.stdout and "draft_sample_method" not in bad.stdout
 
 
 def test_target_without_architectures_is_warned_about(good_draft, random_target, tmp_path):

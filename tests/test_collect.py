@@ -75,6 +75,8 @@ def test_hf_states_equal_plain_forward_and_mask_is_assistant_only(trained_target
             "24",
             "--batch-size",
             "3",
+            "--enable-thinking",
+            "false",  # the served turn's empty think block is prompt: what the mask check below expects
             "--quiet",
         ],
         capsys,
@@ -171,6 +173,8 @@ def _collect_cmd(model, data, out, *extra):
         "60",
         "--target-tokens",
         "400",
+        "--enable-thinking",
+        "false",  # the samples this test was sized with (bf16 state tolerance, kill timing)
         "--quiet",
         *extra,
     ]
@@ -415,3 +419,23 @@ def test_hf_backend_caps_max_length_at_the_targets_positions(random_target, tmp_
     assert code == 0, err
     assert "--max-length 4096 capped at 2048: the target has 2048 positions" in err
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["settings"]["max_length"] == 2048
+
+
+def test_thinking_defaults_to_how_the_target_is_served(trained_target, chats, tmp_path, capsys):
+    """The tiny target's template has Qwen3's switch: by default collection renders as vLLM serves it,
+    thinking on (no empty think block in the prompt), says so, and records the choice; false turns it off."""
+    argv = ["--model", trained_target, "--dataset", chats, "--no-regenerate", "--quiet"]
+    code, stdout, err = run_main([*argv, "--output-dir", tmp_path / "auto"], capsys)
+    assert code == 0, err
+    assert stdout.splitlines()[0] == (
+        "run_collect.py: thinking: on (the target's chat template serves thinking by default; "
+        "--enable-thinking false to train for a non-thinking deployment)"
+    )
+    code, stdout, err = run_main([*argv, "--output-dir", tmp_path / "off", "--enable-thinking", "false"], capsys)
+    assert code == 0 and "thinking: off (--enable-thinking given)" in stdout, err
+    tokenizer = AutoTokenizer.from_pretrained(trained_target)
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    for name, thinking in (("auto", True), ("off", False)):
+        store = HiddenStateStore(tmp_path / name)
+        assert store.manifest["settings"]["enable_thinking"] is thinking
+        assert any(think in store[i].input_ids.tolist() for i in range(len(store))) is not thinking

@@ -97,6 +97,8 @@ def _hf(target, draft, prompts, root, name, *extra):
                 str(K),
                 "--max-new-tokens",
                 "48",
+                "--enable-thinking",
+                "false",  # as the drafts' training data (tests/train_data.py) was rendered
                 "--output",
                 str(root / f"{name}.json"),
             ]
@@ -117,6 +119,7 @@ def vllm_runs(trained_target, drafts, vllm_bench):
     tokenizer = AutoTokenizer.from_pretrained(trained_target)
     args = parse_args(
         ["--model", str(trained_target), "--draft", str(drafts["trained"]), "--dataset", str(drafts["prompts"])]
+        + ["--enable-thinking", "false"]
     )
     out = vllm_bench(
         trained_target,
@@ -192,6 +195,7 @@ def test_hf_and_vllm_acceptance_agree_when_sampling(trained_target, drafts, vllm
     tokenizer = AutoTokenizer.from_pretrained(trained_target)
     args = parse_args(
         ["--model", str(trained_target), "--draft", str(drafts[name]), "--dataset", str(drafts["prompts"])]
+        + ["--enable-thinking", "false"]
     )
     workdir = root / "sampled_vllm"
     workdir.mkdir(exist_ok=True)

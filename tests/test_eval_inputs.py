@@ -167,17 +167,24 @@ def test_unusable_device_is_refused_before_loading(random_target, fresh_draft, p
 @pytest.mark.slow
 def test_vllm_backend_runs_each_engine_in_its_own_process(random_target, fresh_draft, prompts_file, tmp_path):
     """run_eval's vLLM path end to end: it never imports vLLM itself (each engine gets a process
-    of its own; one engine here to keep CI short), eager on CPU."""
+    of its own; one engine here to keep CI short), eager on CPU. Sampled as Qwen3 recommends with
+    probabilistic drafting: the engine's own speculative config (read back from it) says so."""
     code = (
         "import json, sys\n"
         "from eagle3.evaluate.run import evaluate, parse_args\n"
         "report = evaluate(parse_args(sys.argv[1:]))\n"
-        "print(json.dumps({'vllm_here': 'vllm' in sys.modules, **report.to_dict()}))\n"
+        # `eagle3 check` (run before evaluating) imports vLLM's rope to compare it; what must stay out
+        # of this process is the engine: vLLM's LLM class
+        "print(json.dumps({'vllm_here': 'vllm.entrypoints.llm' in sys.modules, **report.to_dict()}))\n"
     )
     args = ["--model", str(random_target), "--draft", str(fresh_draft), "--dataset", str(prompts_file)]
     args += ["--backend", "vllm", "--num-prompts", "2", "--max-new-tokens", "8", "--no-baseline"]
+    args += ["--temperature", "0.6", "--top-p", "0.95", "--top-k", "20", "--draft-sampling", "probabilistic"]
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["vllm_here"] is False
     assert report["device"] == "cpu" and report["rounds"] > 0 and report["generated_tokens"] > 0
+    assert report["speculative_config"]["draft_sample_method"] == "probabilistic"
+    assert report["speculative_config"]["method"] == "eagle3"
+    assert (report["temperature"], report["top_p"], report["top_k"]) == (0.6, 0.95, 20)

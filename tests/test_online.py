@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
@@ -82,3 +83,46 @@ def test_online_flags_are_checked_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args([*argv, "--report_to", "none"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--data-dir", "d", "--max-new-tokens", "64"], "--max-new-tokens: only read by --online --dataset"),
+        (["--online", "--data-dir", "d", "--skip-bad-lines"], "--skip-bad-lines: only read by --online --dataset"),
+        (["--data-dir", "d", "--enable-thinking", "false"], "--enable-thinking: only read by --online --dataset"),
+        (["--online", "--dataset", "x", "--model", "m", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--online", "--dataset", "x", "--model", "m", "--enable-thinking", "x"], "must be auto, true or false"),
+        (
+            ["--online", "--dataset", "x", "--model", "m", "--server-url", "http://h:1", "--collect-batch-size", "2"],
+            "--collect-batch-size has no effect with --server-url",
+        ),
+    ],
+)
+def test_collection_flags_are_checked_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([*argv, "--report_to", "none"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_online_dataset_takes_run_collect_options(trained_target, chats, tmp_path, capsys):
+    """--online --dataset's collection gets run_collect.py's options; a bad record stops run_train.py
+    with one line that names a flag run_train.py accepts (it was a traceback recommending a rejected one)."""
+    from eagle3.train.cli import main as train_main
+    from eagle3.train.online import prepare_online_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chats.read_text() + "{not json\n")
+    argv = ["--online", "--dataset", str(bad), "--base-model", str(trained_target), *FAST]
+    argv += ["--enable-thinking", "false", "--max-new-tokens", "6", "--temperature", "0.7", "--top-p", "0.9"]
+    argv += ["--collect-batch-size", "5"]
+    assert train_main([*argv, "--output-dir", str(tmp_path / "stop")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{bad}:13" in err and "--skip-bad-lines" in err
+
+    args = parse_args([*argv, "--output-dir", str(tmp_path / "run"), "--skip-bad-lines"])
+    data_dir = Path(prepare_online_data(args))
+    settings = json.loads((data_dir / "manifest.json").read_text())["settings"]
+    assert "skipped 1 malformed records" in capsys.readouterr().out
+    assert (settings["enable_thinking"], settings["max_new_tokens"]) == (False, 6)
+    assert (settings["temperature"], settings["top_p"]) == (0.7, 0.9)

@@ -85,3 +85,25 @@ def test_tokenizer_hash_sees_the_template(tokenizer, qwen3_chat_template):
     assert tokenizer_hash(other) == tokenizer_hash(tokenizer)
     other.chat_template = qwen3_chat_template
     assert tokenizer_hash(other) != tokenizer_hash(tokenizer)
+
+
+def test_thinking_auto_follows_the_chat_template(tokenizer):
+    """Default "auto": on when the template reads enable_thinking (as vLLM's chat API serves a Qwen3
+    hybrid model), off when it has no switch; an explicit choice wins; one line says which and why."""
+    from eagle3.data.template import parse_thinking, resolve_thinking
+
+    assert "enable_thinking" in tokenizer.chat_template  # the tiny target's template has Qwen3's switch
+    assert resolve_thinking("auto", tokenizer) == (
+        True,
+        "thinking: on (the target's chat template serves thinking by default; "
+        "--enable-thinking false to train for a non-thinking deployment)",
+    )
+    assert resolve_thinking(False, tokenizer) == (False, "thinking: off (--enable-thinking given)")
+    plain = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert resolve_thinking("auto", plain)[0] is False
+    plain.chat_template = {"default": tokenizer.chat_template, "tool_use": "x"}
+    assert resolve_thinking("auto", plain)[0] is True
+    assert [parse_thinking(v) for v in ("auto", "true", "False", "0", True)] == ["auto", True, False, False, True]
+    with pytest.raises(ValueError, match="--enable-thinking must be auto, true or false"):
+        parse_thinking("sometimes")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.config import DEFAULT_MAX_LENGTH, parse_layers
+from eagle3.data.template import THINKING_HELP, parse_thinking
 from eagle3.target import resolve_model
 
 DATA, REGEN, STORE, BACKEND = "data", "regeneration (train on the target's own answers)", "store", "backend"
@@ -71,8 +72,10 @@ class CollectArgs:
             "is skipped.",
         },
     )
-    enable_thinking: bool = field(
-        default=False, metadata={"section": DATA, "help": "Render with Qwen3's thinking switch on (as served)."}
+    # "auto" | "true" | "false" on the command line; "auto", True or False after parsing (a bare
+    # --enable-thinking, as before, means true)
+    enable_thinking: str = field(
+        default="auto", metadata={"section": DATA, "help": THINKING_HELP, "nargs": "?", "const": "true"}
     )
     # --- regeneration ---
     regenerate: bool = field(
@@ -218,6 +221,7 @@ class CollectArgs:
     def __post_init__(self) -> None:
         # --layers arrives as text ("0,13,27") and is kept as a list of ints from here on.
         self.layers = parse_layers(self.layers, flag="--layers")
+        self.enable_thinking = parse_thinking(self.enable_thinking)
         positive = ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens")
         for name in (*positive, "max_request_attempts"):
             if getattr(self, name) < 1:

@@ -24,7 +24,7 @@ from eagle3.collect.common import CollectError
 from eagle3.config import default_target_layers, to_vllm_layer_ids, validate_target_layers
 from eagle3.data.sources import Conversation, LoadStats, load_conversations
 from eagle3.data.store import DiskFullError, NonFiniteSampleError, StoreWriter, read_manifest
-from eagle3.data.template import ChatRenderer, tokenizer_hash
+from eagle3.data.template import ChatRenderer, resolve_thinking, tokenizer_hash
 from eagle3.target import config_hash, load_target_config
 
 MAX_WARNINGS = 10  # samples named one by one; the summary counts them all
@@ -166,11 +166,16 @@ def prepare(args: CollectArgs) -> Plan:
         args = replace(args, max_length=hf_max_length(args.max_length, config))
     layers = resolve_layers(args, config.num_hidden_layers)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking, max_length=args.max_length)
+    # "auto" becomes what serving does, before the manifest records it (a resume compares the choice)
+    thinking, statement = resolve_thinking(args.enable_thinking, tokenizer)
+    args = replace(args, enable_thinking=thinking)
+    renderer = ChatRenderer(tokenizer, enable_thinking=thinking, max_length=args.max_length)
     conversations, stats = load_conversations(
         args.dataset, split=args.dataset_split, skip_bad_lines=args.skip_bad_lines
     )
     rank, world_size = shard_of(args)
+    if rank == 0:
+        print(f"{prog_name('run_collect.py')}: {statement}", flush=True)
     writer = StoreWriter(
         args.output_dir, store_header(args, config, layers, tokenizer), rank=rank, shard_max_tokens=args.shard_tokens
     )

@@ -43,6 +43,46 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()[:16]
 
 
+THINKING_HELP = (
+    "Render with the chat template's thinking switch: auto (default) = as the target is served: on when its "
+    "chat template reads enable_thinking (Qwen3's hybrid-thinking models, which vLLM's chat API serves with "
+    "thinking on unless the client turns it off), off otherwise; true / false to choose."
+)
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def parse_thinking(value: object, flag: str = "--enable-thinking") -> bool | str:
+    """``auto`` or a boolean (from the command line or a YAML/JSON file) -> "auto", True or False."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{flag} must be auto, true or false, got {value!r}")
+
+
+def has_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template reads ``enable_thinking`` (Qwen3 hybrid thinking; not the 2507
+    Instruct / Thinking-only releases, whose templates have no switch)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the one apply_chat_template uses
+        template = template.get("default", "")
+    return "enable_thinking" in (template or "")
+
+
+def resolve_thinking(setting: bool | str, tokenizer: PreTrainedTokenizerBase) -> tuple[bool, str]:
+    """The thinking mode to render with, and the one line that states it and why."""
+    if setting != "auto":
+        reason = "--enable-thinking given"
+        return bool(setting), f"thinking: {'on' if setting else 'off'} ({reason})"
+    if has_thinking_switch(tokenizer):
+        return True, (
+            "thinking: on (the target's chat template serves thinking by default; "
+            "--enable-thinking false to train for a non-thinking deployment)"
+        )
+    return False, "thinking: off (the target's chat template has no enable_thinking switch)"
+
+
 def _common_prefix_length(a: str, b: str) -> int:
     return len(os.path.commonprefix([a, b]))
 

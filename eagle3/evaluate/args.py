@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eagle3.argparsing import module_available, parse_dataclass
+from eagle3.data.template import THINKING_HELP, parse_thinking
 
 
 @dataclass
@@ -37,10 +38,22 @@ class EvalArgs:
     num_speculative_tokens: int = field(
         default=3, metadata={"help": "Draft tokens proposed per target step (k).", "aliases": ["-k"]}
     )
-    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature; 0 = greedy (lossless check)."})
+    temperature: float = field(
+        default=0.0,
+        metadata={"help": "Sampling temperature; 0 = greedy (lossless check). Qwen3 recommends 0.6 (thinking)."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling of the target above temperature 0, as vLLM applies it (Qwen3: 0.95)."},
+    )
+    top_k: int = field(
+        default=0,
+        metadata={"help": "Top-k sampling of the target above temperature 0; 0 = off, as in vLLM (Qwen3: 20)."},
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Tokens generated per prompt."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts (default: all)."})
-    enable_thinking: bool = field(default=False, metadata={"help": "Qwen3 chat template thinking switch."})
+    # "auto" | "true" | "false"; "auto", True or False after parsing (see run_collect.py's flag)
+    enable_thinking: str = field(default="auto", metadata={"help": THINKING_HELP, "nargs": "?", "const": "true"})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     output: str | None = field(default=None, metadata={"help": "Write the report as JSON here."})
     plot: str | None = field(
@@ -52,8 +65,9 @@ class EvalArgs:
     draft_sampling: str = field(
         default="greedy",
         metadata={
-            "help": "Above temperature 0 (hf backend): greedy = vLLM's default draft_sample_method (the draft's "
-            "argmax, kept with probability p_target); probabilistic = sample the draft, keep with min(1, p/q).",
+            "help": "Above temperature 0, both backends (vllm: speculative_config.draft_sample_method): greedy = "
+            "vLLM's default (the draft's argmax, kept with probability p_target); probabilistic = sample the "
+            "draft, keep with min(1, p/q): higher acceptance, k x vocab floats per sequence on the GPU.",
             "choices": ["greedy", "probabilistic"],
         },
     )
@@ -86,6 +100,7 @@ class EvalArgs:
     )
 
     def __post_init__(self) -> None:
+        self.enable_thinking = parse_thinking(self.enable_thinking)
         for name, what in (("model", "the target's folder or Hub id"), ("draft", "the draft folder")):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required: {what}")
@@ -95,6 +110,10 @@ class EvalArgs:
             raise ValueError(f"--num-speculative-tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p} (1 = off)")
+        if self.top_k < 0:
+            raise ValueError(f"--top-k must be >= 0, got {self.top_k} (0 = off)")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.tensor_parallel_size < 1:

@@ -26,6 +26,11 @@ class AcceptanceReport:
     teacher_forced_acceptance_length: float | None = None
     notes: list[str] = field(default_factory=list)
     device: str | None = None  # where the models ran (hf: the torch device; vllm: the platform)
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    draft_sampling: str = "greedy"  # vLLM's draft_sample_method (or the hf backend's equivalent)
+    # vllm backend: the speculative config the engine ran with, read back from it
+    speculative_config: dict | None = None
 
     @property
     def acceptance_length(self) -> float:
@@ -63,6 +68,11 @@ class AcceptanceReport:
             ("backend", self.backend if self.device is None else f"{self.backend} ({self.device})"),
             ("k (num_speculative_tokens)", str(self.num_speculative_tokens)),
             ("temperature", f"{self.temperature:g}"),
+        ]
+        if self.temperature > 0:
+            sampling = f"top-p {self.top_p:g}, top-k {self.top_k or 'off'}, draft {self.draft_sampling}"
+            rows.append(("sampling", sampling))
+        rows += [
             ("prompts / target steps", f"{self.num_prompts} / {self.rounds}"),
             ("acceptance length", f"{self.acceptance_length:.3f}"),
             ("per-position acceptance", " ".join(f"{rate:.2f}" for rate in self.per_position_acceptance)),

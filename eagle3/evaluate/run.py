@@ -13,6 +13,7 @@ temperature 0), so at temperature 0 they should agree up to numerics.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -63,13 +64,15 @@ def validate(args: EvalArgs) -> None:
 def load_prompts(args: EvalArgs, tokenizer) -> list[list[int]]:
     """Token ids of each conversation's messages before its first answer, as served."""
     from eagle3.data.sources import SourceError, load_conversations
-    from eagle3.data.template import ChatRenderer
+    from eagle3.data.template import ChatRenderer, resolve_thinking
 
     try:
         conversations, _ = load_conversations(args.dataset, split=args.dataset_split)
     except SourceError as error:
         raise EvalInputError(str(error)) from None
-    renderer = ChatRenderer(tokenizer, enable_thinking=args.enable_thinking)
+    thinking, statement = resolve_thinking(args.enable_thinking, tokenizer)
+    print(f"run_eval.py: {statement}", file=sys.stderr)
+    renderer = ChatRenderer(tokenizer, enable_thinking=thinking)
     prompts = []
     for conversation in conversations:
         messages = []
@@ -90,6 +93,7 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     import torch
 
     from eagle3.device import resolve_device
+    from eagle3.evaluate.sampling import filter_target_logits
     from eagle3.evaluate.speculative import SpeculativeDecoder
     from eagle3.families import load_text_model
     from eagle3.modeling import Eagle3Qwen3ForCausalLM
@@ -104,6 +108,7 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     target = load_text_model(args.model, family, dtype=dtype, device_map=device)
     draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
     draft.load_target_embeddings(target.get_input_embeddings().weight)
+    filter_target_logits(target, args.temperature, args.top_p, args.top_k)  # vLLM's top-k/top-p, target only
     decoder = SpeculativeDecoder(
         target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed, draft_sampling=args.draft_sampling
     )
@@ -114,6 +119,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        draft_sampling=args.draft_sampling,
         num_prompts=len(prompts),
         rounds=0,
         accepted_tokens=0,
@@ -158,6 +166,8 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     common = dict(
         max_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
         max_model_len=max(len(p) for p in prompts) + args.max_new_tokens + 8,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -166,7 +176,12 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, "auto"),
     )
     speculative = run_vllm_in_subprocess(
-        args.model, prompts, draft=args.draft, num_speculative_tokens=args.num_speculative_tokens, **common
+        args.model,
+        prompts,
+        draft=args.draft,
+        num_speculative_tokens=args.num_speculative_tokens,
+        draft_sample_method=args.draft_sampling,
+        **common,
     )
     baseline = None if args.no_baseline else run_vllm_in_subprocess(args.model, prompts, **common)
     per_position = (speculative.accepted_per_position + [0] * args.num_speculative_tokens)[
@@ -179,6 +194,9 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         draft=args.draft,
         num_speculative_tokens=args.num_speculative_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        draft_sampling=args.draft_sampling,
         num_prompts=len(prompts),
         rounds=speculative.num_drafts,
         accepted_tokens=speculative.num_accepted_tokens,
@@ -187,6 +205,7 @@ def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
         seconds_speculative=speculative.seconds,
         seconds_baseline=baseline.seconds if baseline else None,
         lossless=(baseline.token_ids == speculative.token_ids) if baseline and args.temperature == 0 else None,
+        speculative_config=speculative.speculative_config,
     )
 
 

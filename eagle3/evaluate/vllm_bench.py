@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from eagle3.export.serving import DRAFT_SAMPLE_METHODS
+
 
 @dataclass
 class VllmRun:
@@ -30,6 +32,10 @@ class VllmRun:
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     device: str = ""  # vLLM's platform (cpu, cuda, ...)
+    # what the engine ran with, read back from it: the speculative config's method, k and
+    # draft_sample_method (None for target-only), and the sampling parameters
+    speculative_config: dict | None = None
+    sampling: dict = field(default_factory=dict)
     enforce_eager: bool = True
     pid: int = 0  # the process the engine ran in
 
@@ -67,6 +73,16 @@ def _is_hybrid(model: str) -> bool:
     return target_family(load_target_config(model)).hybrid
 
 
+def _engine_speculative_config(llm) -> dict | None:
+    """The speculative settings the engine actually runs with (not the dict we passed it): a
+    field vLLM dropped or renamed shows up here, not as a silently lower acceptance."""
+    config = llm.llm_engine.vllm_config.speculative_config
+    if config is None:
+        return None
+    fields = ("method", "num_speculative_tokens", "draft_sample_method", "rejection_sample_method")
+    return {name: getattr(config, name, None) for name in fields}
+
+
 def run_vllm(
     model: str,
     prompts: list[str] | list[list[int]],
@@ -80,11 +96,16 @@ def run_vllm(
     gpu_memory_utilization: float = 0.9,
     enforce_eager: bool | None = None,
     dtype: str = "auto",
+    draft_sample_method: str = "greedy",
+    top_p: float = 1.0,
+    top_k: int = 0,
 ) -> VllmRun:
     """Generate for ``prompts`` (text or token ids) with vLLM, optionally speculating with ``draft``.
 
     ``enforce_eager=None``: eager on CPU only; on a GPU vLLM captures CUDA graphs as it does
-    when serving, so the measured speed is the served speed.
+    when serving, so the measured speed is the served speed. ``draft_sample_method`` is vLLM's
+    ``speculative_config.draft_sample_method`` (greedy or probabilistic; they differ above
+    temperature 0); ``top_k=0`` is vLLM's "off".
     """
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
@@ -96,7 +117,12 @@ def run_vllm(
     speculative_config = None
     extra: dict = {}
     if draft is not None:
-        speculative_config = {"model": draft, "method": "eagle3", "num_speculative_tokens": num_speculative_tokens}
+        speculative_config = {
+            "model": draft,
+            "method": "eagle3",
+            "num_speculative_tokens": num_speculative_tokens,
+            "draft_sample_method": draft_sample_method,
+        }
         if current_platform.is_cpu():
             # vLLM's CPU rejection sampler divides the target logits by uninitialised memory
             # instead of the temperature (see vllm_cpu_fix); the extension class patches it in
@@ -123,9 +149,8 @@ def run_vllm(
     )
     # One seed per prompt: with a shared seed every request draws the same random numbers, so
     # similar prompts make the same keep/reject decisions and the sample is effectively smaller.
-    params = [
-        SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed + i) for i in range(len(prompts))
-    ]
+    sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    params = [SamplingParams(**sampling, max_tokens=max_tokens, seed=seed + i) for i in range(len(prompts))]
     if prompts and not isinstance(prompts[0], str):
         inputs = [{"prompt_token_ids": ids} for ids in prompts]
     else:
@@ -141,6 +166,8 @@ def run_vllm(
         generated_tokens=sum(len(ids) for ids in token_ids),
         **(_spec_decode_counters(llm.get_metrics()) if draft is not None else {}),
         device=str(current_platform.device_type),
+        speculative_config=_engine_speculative_config(llm),
+        sampling=sampling,
         enforce_eager=enforce_eager,
         pid=os.getpid(),
     )
@@ -189,6 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off (vLLM's convention)")
+    parser.add_argument(
+        "--draft-sample-method",
+        default="greedy",
+        choices=DRAFT_SAMPLE_METHODS,
+        help="vLLM's speculative_config.draft_sample_method (matters above temperature 0)",
+    )
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -203,6 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     common = dict(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
         max_model_len=args.max_model_len,
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -212,7 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.single:
         draft = args.draft[0] if args.draft else None
-        run = run_vllm(args.model, prompts, draft=draft, num_speculative_tokens=args.num_speculative_tokens, **common)
+        run = run_vllm(
+            args.model,
+            prompts,
+            draft=draft,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_sample_method=args.draft_sample_method,
+            **common,
+        )
         with open(args.json, "w") as handle:
             json.dump(run.to_dict(), handle, indent=1)
         return
@@ -221,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         results["baseline"] = run_vllm(args.model, prompts, **common).to_dict()
     results["drafts"] = {
         draft: run_vllm(
-            args.model, prompts, draft=draft, num_speculative_tokens=args.num_speculative_tokens, **common
+            args.model,
+            prompts,
+            draft=draft,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_sample_method=args.draft_sample_method,
+            **common,
         ).to_dict()
         for draft in args.draft
     }

@@ -8,6 +8,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from eagle3.export.serving import sampling_advice
+
 LOGIN_HINT = "log in with `huggingface-cli login` (or `hf auth login`), or set HF_TOKEN"
 
 CARD_TEMPLATE = """---
@@ -30,12 +32,16 @@ llm = LLM(
         "model": "{draft}",
         "method": "eagle3",
         "num_speculative_tokens": 3,
+        "draft_sample_method": "probabilistic",  # above temperature 0: see below
     }},
 )
-print(llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)
+params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=256)  # Qwen3's recommended sampling
+print(llm.generate(["Hello"], params)[0].outputs[0].text)
 ```
 
-or `vllm serve {target} --speculative-config '{{"model": "{draft}", "method": "eagle3", "num_speculative_tokens": 3}}'`.
+or `vllm serve {target} --speculative-config '{{"model": "{draft}", "method": "eagle3", "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}}'`.
+
+{sampling_advice}
 
 ## Draft
 
@@ -109,6 +115,7 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
         data_rows=_table(data),
         eval_rows=_table(eval_rows),
         steps=steps,
+        sampling_advice=sampling_advice(config.get("vocab_size")),
     )
     return text
 

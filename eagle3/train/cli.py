@@ -12,7 +12,9 @@ import torch
 import transformers
 
 from eagle3.argparsing import EXIT_USAGE, prog_name
+from eagle3.collect.common import CollectError
 from eagle3.config import Eagle3ConfigError
+from eagle3.data.sources import SourceError
 from eagle3.data.store import StoreError
 from eagle3.train.args import parse_args
 from eagle3.train.main import train
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(args)
         if _distributed():
             torch.distributed.barrier()  # every rank finished saving
-    except (Eagle3ConfigError, StoreError, FileNotFoundError) as error:
+    except (Eagle3ConfigError, StoreError, SourceError, CollectError, FileNotFoundError) as error:
+        # SourceError / CollectError: --online --dataset's collection (bad records, nothing stored); their
+        # messages name run_collect.py's flags, which run_train.py takes too
         print(f"{prog_name('run_train.py')}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     finally:
