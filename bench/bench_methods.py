@@ -5,7 +5,9 @@ data set (run_collect.py, answers regenerated greedily by the target) and the sa
 budget (epochs, batch size, learning rate) for every method, it trains each method with each
 seed (run_train.py), then measures on held-out prompts (another seed of the synthetic chats):
 
-* vLLM's acceptance length at k=3 and k=5, T=0 (one vLLM process per k evaluates every draft),
+* vLLM's acceptance length at k=3 and k=5, at T=0 and at Qwen3's sampling (T=0.6, top-p 0.95,
+  top-k 20) with both of vLLM's draft sampling methods (greedy, its default, and probabilistic);
+  one vLLM process per setting evaluates every draft,
 * in-process (hf) acceptance and the teacher-forced training-time estimate at k=3 (run_eval.py's
   three views on the same prompts),
 * training wall time (run_train.py as a subprocess, the same for every method).
@@ -13,7 +15,7 @@ seed (run_train.py), then measures on held-out prompts (another seed of the synt
 It prints a markdown table (mean and spread over seeds, ratios to the baseline) and writes all
 numbers to OUT/results.json. Re-running resumes: collected data and trained drafts are reused.
 
-    python bench/bench_methods.py --out bench_methods_out      # 8 trainings + 3 vLLM processes
+    python bench/bench_methods.py --out bench_methods_out      # 8 trainings + 7 vLLM processes
     python bench/bench_methods.py --out OUT --methods baseline,eagle3.1 --seeds 0
 """
 
@@ -39,7 +41,11 @@ METHODS: dict[str, list[str]] = {
     "lk_lambda": ["--draft-variant", "eagle3", "--loss", "lk_lambda"],
     "eagle3.1": ["--draft-variant", "eagle3.1", "--loss", "soft_ce"],
     "eagle3.1+lk_lambda": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda"],
+    # the published LK weighting exp(-3 * alpha) (eta = 3; ours defaults to eta = 1)
+    "eagle3.1+lk_eta3": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda", "--lk-eta", "3"],
 }
+# How users serve Qwen3 above temperature 0 (its generation_config): T=0.6, top-p 0.95, top-k 20.
+QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
 
 def run(command: list[str], log: Path) -> float:
@@ -147,9 +153,22 @@ def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[lis
 
 
 def measure_vllm(
-    out: Path, target: Path, drafts: dict[str, Path], prompts, k: int, max_tokens: int, temperature: float = 0.0
+    out: Path,
+    target: Path,
+    drafts: dict[str, Path],
+    prompts,
+    k: int,
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    draft_sample_method: str = "greedy",
 ) -> dict:
     tag = f"k{k}" if temperature == 0 else f"k{k}_t{temperature:g}"
+    if temperature and (top_p, top_k) != (1.0, 0):
+        tag += f"_p{top_p:g}_k{top_k}"
+    if temperature and draft_sample_method != "greedy":
+        tag += f"_{draft_sample_method}"
     result_file = out / f"vllm_{tag}.json"
     results = json.loads(result_file.read_text()) if result_file.exists() else {"drafts": {}}
     missing = [path for path in drafts.values() if str(path) not in results["drafts"]]
@@ -159,7 +178,8 @@ def measure_vllm(
         command = [sys.executable, "-m", "eagle3.evaluate.vllm_bench", "--model", str(target)]
         command += [arg for path in missing for arg in ("--draft", str(path))]
         command += ["--num-speculative-tokens", str(k), "--max-tokens", str(max_tokens)]
-        command += ["--temperature", str(temperature), "--max-model-len", "2048"]
+        command += ["--temperature", str(temperature), "--top-p", str(top_p), "--top-k", str(top_k)]
+        command += ["--draft-sample-method", draft_sample_method, "--max-model-len", "2048"]
         command += ["--prompts", str(out / "prompts.json"), "--json", str(out / f"vllm_{tag}.part.json")]
         run(command, out / f"vllm_{tag}.log")
         results["drafts"].update(json.loads((out / f"vllm_{tag}.part.json").read_text())["drafts"])
@@ -194,22 +214,17 @@ def spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (max(values) - min(values)) / 2
 
 
-def table(methods: list[str], seeds: list[int], rows: dict) -> str:
-    base = {key: spread([rows["baseline"][s][key] for s in seeds])[0] for key in ("vllm_k3", "vllm_k5", "seconds")}
-    lines = [
-        "| method | vLLM AL k=3 | x baseline | vLLM AL k=5 | x baseline | train s | x baseline "
-        f"| hf AL k=3 (seed {seeds[0]}) | teacher-forced k=3 (seed {seeds[0]}) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def table(methods: list[str], seeds: list[int], rows: dict, keys: dict[str, str]) -> str:
+    """One row per method: mean ± half-range over seeds of each key, and its ratio to the baseline."""
+    base = {key: spread([rows["baseline"][s][key] for s in seeds])[0] for key in keys}
+    lines = ["| method | " + " | ".join(f"{label} | x baseline" for label in keys.values()) + " |"]
+    lines.append("|---|" + "---|---|" * len(keys))
     for method in methods:
         cells = [method]
-        for key in ("vllm_k3", "vllm_k5", "seconds"):
+        for key in keys:
             mean, half = spread([rows[method][s][key] for s in seeds])
             fmt = "{:.0f} ± {:.0f}" if key == "seconds" else "{:.3f} ± {:.3f}"
             cells += [fmt.format(mean, half), f"{mean / base[key]:.3f}"]
-        for key in ("hf_k3", "teacher_forced_k3"):  # first seed only
-            value = rows[method][seeds[0]][key]
-            cells.append(f"{value:.3f}" if value is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -219,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_methods_out")
     parser.add_argument(
         "--methods",
-        default="baseline,lk_lambda,eagle3.1,eagle3.1+lk_lambda",
+        default="baseline,eagle3.1,eagle3.1+lk_lambda,eagle3.1+lk_eta3",
         help=f"comma-separated, from {', '.join(METHODS)}",
     )
     parser.add_argument("--seeds", default="0,1")
@@ -254,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts_file, prompts = heldout_prompts(out, target, args.prompts)
     vllm = {k: measure_vllm(out, target, drafts, prompts, k, args.max_tokens) for k in (3, 5)}
+    sampled = {
+        (k, mode): measure_vllm(
+            out, target, drafts, prompts, k, args.max_tokens, **QWEN3_SAMPLING, draft_sample_method=mode
+        )
+        for k in (3, 5)
+        for mode in ("greedy", "probabilistic")
+    }
     # The in-process views cost a hf speculation per draft: first seed only.
     hf = measure_hf(
         out,
@@ -270,51 +292,31 @@ def main(argv: list[str] | None = None) -> int:
             rows[m][s] = {
                 "vllm_k3": vllm[3][name],
                 "vllm_k5": vllm[5][name],
+                **{f"t06_{mode}_k{k}": sampled[(k, mode)][name] for k, mode in sampled},
                 "hf_k3": hf[name]["hf"] if name in hf else None,
                 "teacher_forced_k3": hf[name]["teacher_forced"] if name in hf else None,
                 "train_eval_accept_len_k3": trained[(m, s)]["eval_accept_len_k3"],
                 "seconds": trained[(m, s)]["seconds"],
             }
-    # T > 0: the baseline draft, hf (vLLM's default greedy draft sampling, and min(1, p/q)) vs vLLM.
-    sampled = {f"baseline-seed{seeds[0]}": drafts[f"baseline-seed{seeds[0]}"]}
-    temperature = {
-        "vllm": measure_vllm(out, target, sampled, prompts, 3, args.max_tokens, temperature=0.6),
-        **{
-            f"hf_{mode}": {
-                name: view["hf"]
-                for name, view in measure_hf(
-                    out,
-                    target,
-                    sampled,
-                    prompts_file,
-                    3,
-                    args.max_tokens,
-                    ["--temperature", "0.6", "--draft-sampling", mode],
-                ).items()
-            }
-            for mode in ("greedy", "probabilistic")
-        },
-    }
     print(
         f"\n{args.prompts} held-out prompts, seeds {seeds}, {args.conversations} conversations, "
-        f"{args.epochs} epochs; mean ± half-range over seeds\n"
+        f"{args.epochs} epochs; vLLM acceptance length, mean ± half-range over seeds\n"
     )
-    print(table(methods, seeds, rows))
+    print("T=0:\n" + table(methods, seeds, rows, {"vllm_k3": "k=3", "vllm_k5": "k=5"}))
+    labels = {f"t06_{mode}_k{k}": f"k={k}, {mode} draft" for k, mode in sorted(sampled, key=lambda km: (km[1], km[0]))}
+    print("\nT=0.6, top-p 0.95, top-k 20 (Qwen3's sampling):\n" + table(methods, seeds, rows, labels))
+    for method in methods:
+        first = rows[method][seeds[0]]
+        print(
+            f"  {method} seed {seeds[0]}: hf AL k=3 {first['hf_k3']:.3f}, teacher-forced {first['teacher_forced_k3']:.3f}"
+        )
     step_seconds = time_methods(target, data, methods)
     (out / "results.json").write_text(
-        json.dumps(
-            {"settings": vars(args), "rows": rows, "temperature_0.6": temperature, "step_seconds": step_seconds},
-            indent=1,
-        )
+        json.dumps({"settings": vars(args), "rows": rows, "step_seconds": step_seconds}, indent=1)
     )
     print("\ntraining step time (median, methods interleaved, same batches):")
     for method, seconds in step_seconds.items():
         print(f"  {method:<22} {seconds * 1000:7.1f} ms  x{seconds / step_seconds['baseline']:.3f}")
-    name = next(iter(sampled))
-    print(
-        f"\nT=0.6, k=3, {name}: vLLM {temperature['vllm'][name]:.3f}, hf (greedy draft, vLLM's default) "
-        f"{temperature['hf_greedy'][name]:.3f}, hf (sampled draft, min(1, p/q)) {temperature['hf_probabilistic'][name]:.3f}"
-    )
     print(f"\nall numbers: {out / 'results.json'}")
     return 0
 

@@ -157,7 +157,7 @@ def test_run_collect_stops_before_loading_the_model(gpu_machine, random_target, 
     assert not (tmp_path / "o").exists()
     # --backend vllm: the servers run the target, this process needs no GPU
     announce_device(parse_args([*argv, "--backend", "vllm", "--server-url", "http://127.0.0.1:9"]))
-    assert "device: the vLLM servers'" in capsys.readouterr().err
+    assert "device: the vLLM servers run the target" in capsys.readouterr().err
 
 
 def test_run_train_stops_before_reading_data(gpu_machine, tmp_path, capsys, monkeypatch):

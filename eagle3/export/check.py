@@ -9,12 +9,13 @@ just lower acceptance. Each of those silent failures is a problem here, printed 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from eagle3.export.numerics import rope_problems, target_distribution_problems
+from eagle3.export.problem import Problem
 from eagle3.families import UnknownTargetError, tensor_names
 from eagle3.target import load_target_config, read_target_tensors, target_tensor_names
 
@@ -24,17 +25,6 @@ KNOWN_ARCHITECTURES = {
     "Eagle3LlamaForCausalLM": "llama",
 }
 FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
-
-
-@dataclass
-class Problem:
-    what: str
-    fix: str
-    # "error": vLLM would serve a broken or mismatched draft. "warning": legal but suspicious.
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        return f"[{self.severity}] {self.what}\n    fix: {self.fix}"
 
 
 def expected_tensors(config: dict, draft_arch: str) -> dict[str, tuple[int, ...]]:
@@ -418,8 +408,6 @@ def check_draft(draft_dir: str | Path, target: str | Path, numerics: bool = True
     if files:
         _check_tensors(config, arch, files, target, problems)
     if numerics:
-        from eagle3.export.numerics import rope_problems, target_distribution_problems
-
         problems += target_distribution_problems(config, target)
         problems += rope_problems(config)
     return problems

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from eagle3.export.check import Problem
+from eagle3.export.problem import Problem
 
 POSITIONS = 24  # synthetic positions per check
 LOGIT_TOLERANCE = 1e-3  # max abs logit error in fp32 (relative to the largest logit, at least 1)
