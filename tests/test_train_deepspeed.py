@@ -98,6 +98,7 @@ def test_two_process_deepspeed_run_saves_a_vllm_ready_best_model(stage, runs, tr
 
 
 @pytest.mark.vllm
+@pytest.mark.extended  # make test-extended: DeepSpeed's saved drafts are checked by eagle3 check in the default run
 def test_deepspeed_best_models_load_and_speculate_in_vllm(runs, trained_target, tmp_path, vllm_bench):
     """What ZeRO-3 gathered and saved is what vLLM serves: lossless output, drafts made."""
     drafts = [str(runs[stage] / "best_model") for stage in STAGES]
