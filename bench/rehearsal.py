@@ -129,9 +129,9 @@ def _write_data(work_dir: Path, long_tokens: int) -> tuple[Path, Path]:
 
 def vllm_cannot_run(target: Path) -> str | None:
     """Why this vLLM install cannot load the target's architecture here, or None."""
-    from eagle3.target import load_target_config
+    from eagle3.target import load_target_config, target_family
 
-    model_type = load_target_config(target).model_type
+    model_type = target_family(load_target_config(target)).name
     if model_type.startswith(("qwen3_5", "qwen3_vl")):
         try:
             import torchvision  # noqa: F401

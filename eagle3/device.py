@@ -236,3 +236,23 @@ def vllm_build() -> str:
     if installed("vllm"):
         return f"vLLM: vllm {installed('vllm')}"
     return "vLLM: not installed"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX on x86, BF16 on Arm).
+    Without it (AVX2-only x86: AMD Zen 3, most laptops and CI runners) a bf16 matmul is emulated,
+    more than 50x slower than fp32. Unknown platforms count as native (nothing changes there)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16", " bf16"))
+
+
+def compute_dtype(requested: str, device: torch.device, checkpoint_dtype: str) -> str:
+    """The dtype to compute the target in: ``requested``, except that ``auto`` on a CPU without
+    native bf16 computes a bf16/fp16 checkpoint in fp32 (what is stored is the same: the store
+    encodes the states in their own dtype either way)."""
+    if requested != "auto" or device.type != "cpu" or checkpoint_dtype not in ("bfloat16", "float16"):
+        return requested
+    return "auto" if cpu_has_native_bf16() else "float32"

@@ -198,3 +198,22 @@ def test_the_readme_names_what_a_gpu_user_needs():
         "make clean && make install",
     ):
         assert needed in start_here, needed
+
+
+def test_a_cpu_without_native_bf16_computes_a_bf16_target_in_fp32(monkeypatch, capsys):
+    """AVX2-only CPUs emulate bf16 matmuls (>50x slower): --dtype auto computes the bf16 target in
+    fp32 there and says so; with native bf16, or an explicit --dtype, nothing changes."""
+    from eagle3.collect.hf import HfBackend
+    from eagle3.data.template import ChatRenderer
+    from eagle3.testing import family_target
+
+    target = family_target("qwen3_moe", dtype="bfloat16")
+    from transformers import AutoTokenizer
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(target))
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+    backend = HfBackend(str(target), renderer, [0], device="cpu")
+    assert backend.model.dtype == torch.float32 and "no native bf16" in capsys.readouterr().err
+    assert HfBackend(str(target), renderer, [0], device="cpu", dtype="bfloat16").model.dtype == torch.bfloat16
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    assert HfBackend(str(target), renderer, [0], device="cpu").model.dtype == torch.bfloat16

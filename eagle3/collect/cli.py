@@ -21,7 +21,10 @@ def announce_device(args) -> None:
     if args.backend == "hf":
         select_device(args.device, flag="--device")
     else:
-        print("device: the vLLM servers run the target (--backend vllm: this process only sends requests)", file=sys.stderr)
+        print(
+            "device: the vLLM servers run the target (--backend vllm: this process only sends requests)",
+            file=sys.stderr,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,6 +11,7 @@ called without the lm_head: logits [B, T, vocab] would cost more than everything
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from eagle3.data.codecs import capture_dtype, has_states
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
-from eagle3.device import resolve_device
+from eagle3.device import compute_dtype, resolve_device
 from eagle3.families import decoder_layers, load_text_model, text_backbone
 from eagle3.target import load_target_config, target_family
 
@@ -98,8 +99,18 @@ class HfBackend:
         self.device = torch.device(device or default_device())
         # Straight onto this rank's device (no full copy in host memory per rank first); the text
         # model of a multimodal checkpoint (its family says how).
-        family = target_family(load_target_config(model))
-        self.model = load_text_model(model, family, dtype=_torch_dtype(dtype), device_map=self.device).eval()
+        config = load_target_config(model)
+        computed = compute_dtype(dtype, self.device, str(config.dtype).removeprefix("torch."))
+        if computed != dtype:
+            print(
+                f"run_collect.py: computing the {config.dtype} target in {computed} on this CPU (no native bf16: "
+                "a bf16 matmul would be over 50x slower); the stored states are the same dtype as before. "
+                "--dtype bfloat16 forces bf16.",
+                file=sys.stderr,
+            )
+        self.model = load_text_model(
+            model, target_family(config), dtype=_torch_dtype(computed), device_map=self.device
+        ).eval()
         self.renderer = renderer
         self.hidden_dtype = capture_dtype(hidden_dtype)  # the store encodes fp8 from bf16
         self.capture_states = has_states(hidden_dtype)  # --no-states: ids and masks only
