@@ -82,3 +82,28 @@ def test_trained_draft_is_lossless_in_vllm(name, tmp_path, vllm_bench):
     run = result["drafts"][str(best)]
     assert run["token_ids"] == result["baseline"]["token_ids"]
     assert run["num_drafts"] > 0
+
+
+def _vllm_qwen3_5_import_error() -> str | None:
+    """Why vLLM's Qwen3.5 model cannot be imported here, or None (it imports transformers' Qwen2-VL
+    image processor, which needs a torchvision built for this very torch)."""
+    try:
+        import vllm.model_executor.models.qwen3_5  # noqa: F401
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def test_qwen3_5_draft_in_vllm_or_the_exact_reason_it_cannot_run(tmp_path, vllm_bench):
+    """A trained draft for a nested Qwen3.5 target, lossless in vLLM; on the CPU install here
+    (torchvision removed: PyPI's is built for the CUDA torch) the skip names the import error."""
+    error = _vllm_qwen3_5_import_error()
+    if error is not None:
+        pytest.skip(
+            f"vLLM {__import__('vllm').__version__} cannot import its Qwen3.5 model beside torch "
+            f"{torch.__version__}: {error} (needs torchvision built for this torch; docs/TRAIN.md)"
+        )
+    target = family_target("qwen3_5", tied=True, dtype="bfloat16")
+    best = collect_and_train(target, tmp_path, 8, 4, "--dtype", "float32")
+    result = vllm_bench(target, [best], tmp_path, baseline=True, max_tokens=16)
+    assert result["drafts"][str(best)]["token_ids"] == result["baseline"]["token_ids"]
