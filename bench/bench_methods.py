@@ -110,9 +110,8 @@ def time_methods(target: Path, data: Path, methods: list[str], repeats: int = 12
     for method in methods:
         args = parse_args(
             ["--data-dir", str(data), "--base-model", str(target), "--ttt-steps", "5", "--use_cpu", "true"]
+            + METHODS[method]  # parsed as run_train.py parses them (types, checks)
         )
-        for flag, value in zip(METHODS[method][::2], METHODS[method][1::2], strict=True):
-            setattr(args, flag.removeprefix("--").replace("-", "_"), value)
         draft_ids = torch.arange(256)
         draft = build_draft(args, check_data_against_target(args), head, draft_ids)
         optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)

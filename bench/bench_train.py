@@ -237,7 +237,8 @@ MODEL_SHAPES = {
     )
     for name, shape in QWEN3_SHAPES.items()
 }
-MODEL_CHECKS = (("qwen3-1.7b", 2048), ("qwen3-4b", 1024))
+# Two lengths of one shape (the TTT attention's [T, T] term grows with T) and a second shape.
+MODEL_CHECKS = (("qwen3-1.7b", 512), ("qwen3-1.7b", 2048), ("qwen3-4b", 1024))
 
 
 def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 32000):
@@ -245,6 +246,7 @@ def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 3
         **target_shape(QWEN3_SHAPES[shape]),
         draft_vocab_size=draft_vocab,
         tokens_per_batch=length,
+        max_length=length,
         ttt_steps=steps,
         loss="lk_lambda",  # run_train.py's default, as model_step trains
         target_dtype_bytes=2,
@@ -297,7 +299,7 @@ def memory_model_check(args) -> dict:
             entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
             entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
             entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
-        results[shape] = entry
+        results[f"{shape}@{length}"] = entry
         print(shape, entry, flush=True)
     return results
 

@@ -129,7 +129,9 @@ def export_dtype(target_config) -> torch.dtype:
     return getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
 
 
-def memory_estimate(args: Eagle3TrainingArguments, plan: Plan, draft_vocab_size: int, tokens: int):
+def memory_estimate(
+    args: Eagle3TrainingArguments, plan: Plan, draft_vocab_size: int, tokens: int, longest: int | None = None
+):
     """The memory model for this run's shapes, aux layers, precision and ZeRO settings, and the
     frozen target itself when it runs in this process (``--online`` without servers)."""
     target_config = plan.target_config
@@ -146,6 +148,7 @@ def memory_estimate(args: Eagle3TrainingArguments, plan: Plan, draft_vocab_size:
         tokens_per_batch=tokens,
         num_aux=len(plan.target_layers),
         online_target_bytes=online_target_bytes,
+        max_length=longest,
         ttt_steps=args.ttt_steps,
         num_draft_layers=args.num_draft_layers,
         mixed_precision=bool(args.bf16 or args.fp16),
@@ -288,7 +291,7 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
         }
         logger.info("data: %s", data_stats)
         tokens = args.max_tokens_per_batch or args.per_device_train_batch_size * longest
-        estimate = memory_estimate(args, plan, int(draft_ids.numel()), tokens)
+        estimate = memory_estimate(args, plan, int(draft_ids.numel()), tokens, longest)
         if args.should_log:
             print(f"estimated peak memory per device (eagle3.train.memory_model):\n{estimate.table()}", flush=True)
 

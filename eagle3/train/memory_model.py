@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-from eagle3.config import QWEN3_CONFIGS
+from eagle3.config import DEFAULT_MAX_LENGTH, QWEN3_CONFIGS
 from eagle3.config import draft_intermediate_size as draft_mlp
 
 GIB = 2**30
@@ -137,8 +137,13 @@ def activation_bytes_per_token(
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
     loss: str = "lk_lambda",
+    sequence_length: int = 0,
 ) -> int:
-    """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc)."""
+    """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc).
+
+    ``sequence_length``: the padded length of the micro-batch's samples. TTT steps >= 1 compute
+    their attention explicitly (``eagle3.modeling.eagle3_attention``) and keep its softmax,
+    [heads, T, T] fp32 per sample (plus its bf16 copy under autocast): per token, heads x T."""
     h, i, vd = shape.hidden_size, shape.intermediate_size, shape.draft_vocab_size
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     act = 2 if mixed_precision else 4  # layer activations (autocast) ...
@@ -159,7 +164,9 @@ def activation_bytes_per_token(
     aux_width = shape.num_aux * (shape.target_hidden_size or h)
     once = aux_width * act + 2 * h * act + vd * fp32  # fc in/out, embeds, target probs
     transient = 4 * vd * fp32  # one step's head backward: grads of product, log-softmax, logits + softmax
-    return ttt_steps * per_step + once + transient
+    probs = fp32 + (2 if mixed_precision else 0)
+    attention = (ttt_steps - 1) * shape.num_draft_layers * shape.num_attention_heads * sequence_length * probs
+    return ttt_steps * per_step + once + transient + attention
 
 
 def estimate_peak_memory(
@@ -183,9 +190,12 @@ def estimate_peak_memory(
     world_size: int = 1,
     offload_optimizer: bool = False,
     online_target_bytes: int = 0,
+    max_length: int | None = None,
 ) -> MemoryEstimate:
     """Estimated peak bytes on one device for micro-batches of ``tokens_per_batch`` padded tokens.
 
+    ``max_length``: the longest (padded) sample of a micro-batch, for the TTT attention's
+    [T, T] softmaxes (default: samples of the default --max-length, or one filling a smaller batch).
     ``online_target_bytes``: the frozen target's weights when ``--online`` runs it on this device
     (``eagle3.families.parameter_counts``: an MoE target needs all its experts resident, not
     only the active ones); its forward's activations are freed before the draft's step.
@@ -213,7 +223,8 @@ def estimate_peak_memory(
     optimizer = 0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1)
     full_head = vocab_size if draft_vocab_size < vocab_size else 0  # argmax over the full vocab
     target_head = (full_head + draft_vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes
-    per_token = activation_bytes_per_token(shape, ttt_steps, mixed_precision, head_checkpointing, loss)
+    length = max_length if max_length is not None else min(tokens_per_batch, DEFAULT_MAX_LENGTH)
+    per_token = activation_bytes_per_token(shape, ttt_steps, mixed_precision, head_checkpointing, loss, length)
     return MemoryEstimate(
         trainable_weights=weights,
         frozen_weights=frozen * 4,
@@ -227,7 +238,9 @@ def estimate_peak_memory(
 
 
 def max_tokens_per_batch(budget_bytes: int, **shapes) -> int:
-    """The largest micro-batch (in padded tokens, a multiple of 64) whose estimate fits ``budget_bytes``."""
+    """The largest micro-batch (in padded tokens, a multiple of 64) whose estimate fits ``budget_bytes``
+    (samples of ``max_length`` tokens, by default the default --max-length)."""
+    shapes.setdefault("max_length", DEFAULT_MAX_LENGTH)
     fixed = estimate_peak_memory(tokens_per_batch=0, **shapes).total
     per_token = estimate_peak_memory(tokens_per_batch=1, **shapes).activations
     if budget_bytes <= fixed:
@@ -253,6 +266,7 @@ def budget_table(
         name = "Qwen3-" + key.split("-", 1)[1].upper()
         shapes = dict(**target_shape(config), draft_vocab_size=draft_vocab_size, mixed_precision=True)
         shapes["ttt_steps"] = ttt_steps
+        shapes["max_length"] = DEFAULT_MAX_LENGTH  # samples up to the default --max-length
         fixed = estimate_peak_memory(tokens_per_batch=0, **shapes).total
         per_token = estimate_peak_memory(tokens_per_batch=1, **shapes).activations
         per_token_hc = estimate_peak_memory(tokens_per_batch=1, head_checkpointing=True, **shapes).activations
