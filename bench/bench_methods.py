@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> run_train.py flags on top of the shared budget
 METHODS: dict[str, list[str]] = {
-    # the recipe: EAGLE-3, soft cross-entropy (named explicitly: run_train.py's defaults are eagle3.1 + lk_lambda)
+    # the recipe: EAGLE-3, soft cross-entropy (named explicitly: run_train.py's defaults are eagle3.1 + soft_ce)
     "baseline": ["--draft-variant", "eagle3", "--loss", "soft_ce"],
     # forward_kl has soft_ce's gradient (they differ by the target's entropy, a constant): it
     # trains the same draft up to float noise, so it is not in the default --methods.

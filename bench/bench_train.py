@@ -248,7 +248,7 @@ def model_estimate(shape: str, length: int, steps: int = 7, draft_vocab: int = 3
         tokens_per_batch=length,
         max_length=length,
         ttt_steps=steps,
-        loss="lk_lambda",  # run_train.py's default, as model_step trains
+        loss="lk_lambda",  # the loss that keeps more (the draft's probabilities too), as model_step trains
         target_dtype_bytes=2,
     )
 

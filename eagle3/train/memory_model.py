@@ -14,7 +14,7 @@ Activation bytes per token are counted from what autograd keeps in ``eagle3.trai
   their q/k norms and rotary outputs, the attention output, o_proj, the MLP's gate, up, SiLU
   and product (4 x intermediate), the residual sums and the final norm;
 * the step's head: log-softmax output over the draft vocabulary, always fp32 (``.float()``),
-  plus the draft's probabilities q for ``lk_lambda`` (its min(p, q) term; the default loss),
+  plus the draft's probabilities q for ``lk_lambda`` (its min(p, q) term),
   unless ``--head-checkpointing`` recomputes them in backward;
 * once per token: the fp32 copy of the aux states for ``fc``, its output, the token embeddings,
   and the target's softmax over the draft vocabulary (fp32).
@@ -136,7 +136,7 @@ def activation_bytes_per_token(
     ttt_steps: int,
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
-    loss: str = "lk_lambda",
+    loss: str = "soft_ce",
     sequence_length: int = 0,
 ) -> int:
     """Bytes autograd keeps per token of a micro-batch for one TTT forward (see module doc).
@@ -184,7 +184,7 @@ def estimate_peak_memory(
     num_draft_layers: int = 1,
     mixed_precision: bool = False,
     head_checkpointing: bool = False,
-    loss: str = "lk_lambda",
+    loss: str = "soft_ce",
     target_dtype_bytes: int = 2,
     zero_stage: int = 0,
     world_size: int = 1,
