@@ -248,8 +248,8 @@ def test_deepspeed_flag_finds_the_shipped_json_from_any_directory(
 
 
 def test_lk_eta_is_for_the_lk_loss_only(capsys):
-    assert parse_train(["--report_to", "none"]).lk_eta == 1.0  # the earlier weight, until a benchmark picks one
-    assert parse_train(["--lk-eta", "3", "--report_to", "none"]).lk_eta == 3.0
+    assert parse_train(["--report_to", "none"]).lk_eta == 1.0  # the earlier weight (the benchmark chose soft_ce)
+    assert parse_train(["--loss", "lk_lambda", "--lk-eta", "3", "--report_to", "none"]).lk_eta == 3.0
     message = exit_message(parse_train, ["--lk-eta", "3", "--loss", "soft_ce", "--report_to", "none"], capsys)
     assert "--lk-eta 3.0 is for --loss lk_lambda" in message and "--loss is soft_ce" in message
     assert "--lk-eta must be >= 0" in exit_message(parse_train, ["--lk-eta", "-1", "--report_to", "none"], capsys)

@@ -287,7 +287,7 @@ def test_lk_eta_reaches_the_training_forward(random_target):
     draft_ids = torch.arange(head.lm_head.shape[0])  # full vocabulary: every position is valid
     losses = {}
     for eta in ("1", "3"):
-        args = parse_args(["--lk-eta", eta, "--ttt-steps", "2", "--report_to", "none"])
+        args = parse_args(["--loss", "lk_lambda", "--lk-eta", eta, "--ttt-steps", "2", "--report_to", "none"])
         draft = build_draft(args, plan, head, draft_ids)
         assert draft.lk_eta == float(eta)
         torch.manual_seed(0)
