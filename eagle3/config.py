@@ -367,6 +367,6 @@ class Eagle3Qwen3Config(Qwen3Config):
             target_model_name_or_path=target_model_name_or_path
             or getattr(target_config, "_name_or_path", None)
             or None,
-            target_final_norm="zero_centred" if family.zero_centred_norm else "standard",
+            target_final_norm=family.final_norm,
             dtype=str(getattr(target_config, "dtype", None) or "float32").replace("torch.", ""),
         )

@@ -42,47 +42,26 @@ class TargetFamily:
     model_types: tuple[str, ...]
     zero_centred_norm: bool = False  # final RMSNorm is x * (1 + w) instead of x * w
     hybrid: bool = False  # linear-attention (Gated DeltaNet) layers beside full attention
-    moe: bool = False
     # transformers' Auto class that loads a checkpoint of this family with its text model
     # and lm_head: "causal_lm" (AutoModelForCausalLM, also for Qwen3.5's multimodal
     # checkpoints: transformers maps model.language_model.* onto the text-only class and
     # skips the vision tower) or "image_text_to_text" (Qwen3-VL has no text-only class).
     auto_class: str = "causal_lm"
-    example: str = ""  # a published checkpoint, for docs and messages
+
+    @property
+    def final_norm(self) -> str:
+        """The convention's name as a draft's config.json records it (``target_final_norm``)."""
+        return "zero_centred" if self.zero_centred_norm else "standard"
 
 
 FAMILIES: tuple[TargetFamily, ...] = (
-    TargetFamily("qwen3", ("qwen3",), example="Qwen/Qwen3-8B"),
-    TargetFamily("qwen3_moe", ("qwen3_moe",), moe=True, example="Qwen/Qwen3-30B-A3B"),
-    TargetFamily(
-        "qwen3_next",
-        ("qwen3_next",),
-        zero_centred_norm=True,
-        hybrid=True,
-        moe=True,
-        example="Qwen/Qwen3-Next-80B-A3B-Instruct",
-    ),
-    TargetFamily(
-        "qwen3_5", ("qwen3_5", "qwen3_5_text"), zero_centred_norm=True, hybrid=True, example="Qwen/Qwen3.5-4B"
-    ),
-    TargetFamily(
-        "qwen3_5_moe",
-        ("qwen3_5_moe", "qwen3_5_moe_text"),
-        zero_centred_norm=True,
-        hybrid=True,
-        moe=True,
-        example="Qwen/Qwen3.5-35B-A3B",
-    ),
-    TargetFamily(
-        "qwen3_vl", ("qwen3_vl", "qwen3_vl_text"), auto_class="image_text_to_text", example="Qwen/Qwen3-VL-8B-Instruct"
-    ),
-    TargetFamily(
-        "qwen3_vl_moe",
-        ("qwen3_vl_moe", "qwen3_vl_moe_text"),
-        moe=True,
-        auto_class="image_text_to_text",
-        example="Qwen/Qwen3-VL-30B-A3B-Instruct",
-    ),
+    TargetFamily("qwen3", ("qwen3",)),  # Qwen/Qwen3-8B
+    TargetFamily("qwen3_moe", ("qwen3_moe",)),  # Qwen/Qwen3-30B-A3B
+    TargetFamily("qwen3_next", ("qwen3_next",), zero_centred_norm=True, hybrid=True),  # Qwen3-Next-80B-A3B
+    TargetFamily("qwen3_5", ("qwen3_5", "qwen3_5_text"), zero_centred_norm=True, hybrid=True),  # Qwen3.5-4B
+    TargetFamily("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"), zero_centred_norm=True, hybrid=True),
+    TargetFamily("qwen3_vl", ("qwen3_vl", "qwen3_vl_text"), auto_class="image_text_to_text"),
+    TargetFamily("qwen3_vl_moe", ("qwen3_vl_moe", "qwen3_vl_moe_text"), auto_class="image_text_to_text"),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 
@@ -183,6 +162,21 @@ def without_zero3_init() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
+def _auto_class_and_config(model: str, family: TargetFamily):
+    """transformers' Auto class for this family's text model and the config to build it with:
+    the text config for the text-only classes (its tie flag taken from the wrapper, which owns
+    the head), the whole config for the image-text ones."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(model)
+    if family.auto_class != "causal_lm":
+        return AutoModelForImageTextToText, config
+    text = text_config(config)
+    if text is not config:
+        text.tie_word_embeddings = tie_word_embeddings(config)
+    return AutoModelForCausalLM, text
+
+
 def load_text_model(model: str, family: TargetFamily, **kwargs) -> torch.nn.Module:
     """The target with its lm_head, for generation and capture (``from_pretrained`` kwargs pass on).
 
@@ -190,17 +184,8 @@ def load_text_model(model: str, family: TargetFamily, **kwargs) -> torch.nn.Modu
     own ``tie_word_embeddings`` is not the checkpoint's (the wrapper's is): without setting it,
     a tied checkpoint (Qwen3.5-4B) would get a randomly initialised lm_head and generate noise.
     A checkpoint that leaves any weight of the loaded model uninitialised is refused."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if family.auto_class == "causal_lm":
-        config = AutoConfig.from_pretrained(model)
-        text = text_config(config)
-        if text is not config:
-            text.tie_word_embeddings = tie_word_embeddings(config)
-            kwargs.setdefault("config", text)
-        auto = AutoModelForCausalLM
-    else:
-        auto = AutoModelForImageTextToText
+    auto, config = _auto_class_and_config(model, family)
+    kwargs.setdefault("config", config)
     loaded, info = auto.from_pretrained(model, output_loading_info=True, **kwargs)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
@@ -209,6 +194,14 @@ def load_text_model(model: str, family: TargetFamily, **kwargs) -> torch.nn.Modu
             f"of {type(loaded).__name__}; they would be random. Is the checkpoint complete?"
         )
     return loaded
+
+
+def meta_model(model: str, family: TargetFamily) -> torch.nn.Module:
+    """The model ``load_text_model`` loads, instantiated on the meta device (nothing allocated,
+    no weights read): for its parameter counts and its module classes."""
+    auto, config = _auto_class_and_config(model, family)
+    with without_zero3_init(), torch.device("meta"):
+        return auto.from_config(config)
 
 
 def text_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -231,21 +224,13 @@ def parameter_counts(model: str, family: TargetFamily) -> tuple[int, int]:
     """(total, active per token) parameters of the model ``load_text_model`` loads, counted on a
     meta-device instance (nothing allocated). MoE: only ``num_experts_per_tok`` of
     ``num_experts`` routed experts are active; the memory a loaded target takes is the total."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(model)
-    if family.auto_class == "causal_lm":
-        text = text_config(config)
-        auto, config = AutoModelForCausalLM, text
-    else:
-        auto, text = AutoModelForImageTextToText, text_config(config)
-    with without_zero3_init(), torch.device("meta"):
-        meta_model = auto.from_config(config)
+    instance = meta_model(model, family)
     total = routed = 0
-    for name, parameter in meta_model.named_parameters():
+    for name, parameter in instance.named_parameters():
         total += parameter.numel()
         if ".experts." in name or name.endswith(".experts"):
             routed += parameter.numel()
+    text = instance.config.get_text_config()
     experts = getattr(text, "num_experts", None) or 0
     active_share = (getattr(text, "num_experts_per_tok", 0) or 0) / experts if experts else 1.0
     return total, total - routed + int(routed * active_share)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from eagle3.config import QWEN3_CONFIGS
+from eagle3.families import family_of
 
 RECIPE_VERSION = "tiny-qwen3-v1"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -559,7 +560,7 @@ def build_family_target(
     torch.manual_seed(seed)
     model = getattr(transformers, FAMILY_TARGETS[name][1])(config).eval()
     text_config = config.get_text_config()
-    zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
+    zero_centred = family_of(config).zero_centred_norm
     used = len(tokenizer)
     with torch.no_grad():
         for module_name, parameter in model.named_parameters():
@@ -667,7 +668,7 @@ def _build_family_shape(staging: Path, shape: str, dtype: str, seed: int) -> Non
         }
     if tied:
         names.pop("lm_head.weight", None)
-    zero_centred = name.startswith(("qwen3_next", "qwen3_5"))
+    zero_centred = family_of(config).zero_centred_norm
     _write_random_checkpoint(staging, names, dtype, seed, used=len(tokenizer), norm_centre=0.0 if zero_centred else 1.0)
     config.save_pretrained(staging)
     tokenizer.save_pretrained(staging)

@@ -28,21 +28,13 @@ LOGIT_TOLERANCE = 1e-3  # max abs logit error in fp32 (relative to the largest l
 ROPE_TOLERANCE = 1e-4
 
 
-def _reference_final_norm(target: str | Path, hidden_size: int, eps: float) -> torch.nn.Module:
+def _reference_final_norm(target: str | Path, family, hidden_size: int, eps: float) -> torch.nn.Module:
     """The target's own final-norm module: transformers' class for its architecture (found on a
     meta-device instance of the whole model, so nothing is allocated), with the checkpoint's weight
     loaded by the caller."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from eagle3.families import final_norm_module, meta_model
 
-    from eagle3.families import family_of, final_norm_module, without_zero3_init
-
-    config = AutoConfig.from_pretrained(str(target))
-    family = family_of(config, source=str(target))
-    auto = AutoModelForCausalLM if family.auto_class == "causal_lm" else AutoModelForImageTextToText
-    with without_zero3_init(), torch.device("meta"):
-        meta_model = auto.from_config(config)
-    norm_class = type(final_norm_module(meta_model))
-    return norm_class(hidden_size, eps)
+    return type(final_norm_module(meta_model(str(target), family)))(hidden_size, eps)
 
 
 def target_distribution_problems(draft_config: dict, target: str | Path, head=None) -> list[Problem]:
@@ -54,7 +46,7 @@ def target_distribution_problems(draft_config: dict, target: str | Path, head=No
     config = head.config
     family = target_family(config)
     hidden_size, eps = int(config.hidden_size), float(config.rms_norm_eps)
-    reference = _reference_final_norm(target, hidden_size, eps)
+    reference = _reference_final_norm(target, family, hidden_size, eps)
     with torch.no_grad():
         reference.weight.copy_(head.norm.float())
         generator = torch.Generator().manual_seed(0)
@@ -78,7 +70,7 @@ def target_distribution_problems(draft_config: dict, target: str | Path, head=No
             )
         )
     recorded = draft_config.get("target_final_norm")
-    expected = "zero_centred" if family.zero_centred_norm else "standard"
+    expected = family.final_norm
     if recorded is None and family.zero_centred_norm:
         problems.append(
             Problem(
