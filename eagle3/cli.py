@@ -83,16 +83,16 @@ def serving_recommendation(draft_dir: str | Path) -> str:
     the one setting the contract check cannot see but that decides acceptance above temperature 0."""
     import json
 
-    from eagle3.export.serving import sampling_advice
+    from eagle3.export.serving import sampling_advice, speculative_config_of
 
     vocab_size = json.loads((Path(draft_dir) / "config.json").read_text()).get("vocab_size")
+    config = speculative_config_of(draft_dir)
     return "\n".join(
         [
             "",
             "Serve it with:",
-            f'  speculative_config={{"model": "{draft_dir}", "method": "eagle3", "num_speculative_tokens": 3,',
-            '                      "draft_sample_method": "probabilistic"}',
-            sampling_advice(vocab_size),
+            f"  speculative_config={json.dumps(config)}",
+            sampling_advice(vocab_size, config["num_speculative_tokens"]),
         ]
     )
 

@@ -94,9 +94,7 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
 
     from eagle3.device import resolve_device
     from eagle3.evaluate.sampling import filter_target_logits
-    from eagle3.evaluate.speculative import SpeculativeDecoder
     from eagle3.families import load_text_model
-    from eagle3.modeling import Eagle3Qwen3ForCausalLM
     from eagle3.target import load_target_config, target_family
 
     torch.manual_seed(args.seed)
@@ -106,10 +104,9 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     dtype = named.get(args.dtype, "auto" if device.type == "cuda" else torch.float32)
     family = target_family(load_target_config(args.model))
     target = load_text_model(args.model, family, dtype=dtype, device_map=device)
-    draft = Eagle3Qwen3ForCausalLM.from_pretrained(args.draft, dtype=target.dtype, device_map=device)
-    draft.load_target_embeddings(target.get_input_embeddings().weight)
+    draft, decoder_class = load_draft(args.draft, target, device)
     filter_target_logits(target, args.temperature, args.top_p, args.top_k)  # vLLM's top-k/top-p, target only
-    decoder = SpeculativeDecoder(
+    decoder = decoder_class(
         target, draft, args.num_speculative_tokens, args.temperature, seed=args.seed, draft_sampling=args.draft_sampling
     )
     report = AcceptanceReport(
@@ -153,9 +150,33 @@ def evaluate_hf(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:
     if teacher_forced is not None:
         from eagle3.train.loss import metrics_from_stats
 
-        metrics = metrics_from_stats(teacher_forced, args.num_speculative_tokens)
-        report.teacher_forced_acceptance_length = metrics["accept_len_rounds"]
+        steps = decoder.stats_steps  # DFlash: the block's positions, whatever k decoding used
+        metrics = metrics_from_stats(teacher_forced, steps)
+        key = "accept_len_rounds" if steps == args.num_speculative_tokens else "accept_len_rounds_k3"
+        if steps == args.num_speculative_tokens or args.num_speculative_tokens == 3:
+            report.teacher_forced_acceptance_length = metrics.get(key)
     return report
+
+
+def load_draft(path: str, target, device):
+    """The draft in ``path`` (EAGLE-3 or DFlash, from its config.json) on the target's device and
+    dtype, holding the target's embedding (and, for DFlash, its lm_head), with its decoder class."""
+    import json
+
+    from eagle3.dflash import DFlashQwen3ForCausalLM, is_dflash_config
+
+    if is_dflash_config(json.loads((Path(path) / "config.json").read_text())):
+        from eagle3.evaluate.dflash_speculative import DFlashSpeculativeDecoder
+
+        draft = DFlashQwen3ForCausalLM.from_pretrained(path, dtype=target.dtype, device_map=device)
+        draft.load_target_embeddings(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+        return draft, DFlashSpeculativeDecoder
+    from eagle3.evaluate.speculative import SpeculativeDecoder
+    from eagle3.modeling import Eagle3Qwen3ForCausalLM
+
+    draft = Eagle3Qwen3ForCausalLM.from_pretrained(path, dtype=target.dtype, device_map=device)
+    draft.load_target_embeddings(target.get_input_embeddings().weight)
+    return draft, SpeculativeDecoder
 
 
 def evaluate_vllm(args: EvalArgs, prompts: list[list[int]]) -> AcceptanceReport:

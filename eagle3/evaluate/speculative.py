@@ -171,6 +171,32 @@ class SpeculativeDecoder:
             kept.append(token)
         return kept + [self._pick(target_logits[len(proposal)])]
 
+    def _verify_round(
+        self, target_cache: DynamicCache, context: list[int], output: list[int], proposal: list[int], q: list, result
+    ) -> tuple[list[int], torch.Tensor, DynamicCache]:
+        """The target verifies ``proposal`` after the last output token in one forward; returns the
+        new tokens (accepted + the target's own), the aux states of the verified positions and the
+        target's cache cut back to them. Counts the round in ``result``."""
+        # A hybrid target's linear-attention layers carry a recurrent state that cannot be
+        # cropped back (transformers can only crop their conv state): keep the cache as it
+        # was before verification and replay the accepted tokens on a rejection.
+        before_verify = copy.deepcopy(target_cache) if self.family.hybrid else None
+        target_logits, verify_aux = self._target_forward([output[-1], *proposal], target_cache)
+        new_tokens = self._verify(proposal, q, target_logits)
+        accepted = len(new_tokens) - 1
+        result.rounds += 1
+        result.accepted += accepted
+        for j in range(accepted):
+            result.accepted_per_position[j] += 1
+        # Drop the rejected proposals from the target's cache (negative = tokens to remove).
+        rejected = target_cache.get_seq_length() - (len(context) + accepted)
+        if rejected and before_verify is not None:
+            target_cache = before_verify
+            _, verify_aux = self._target_forward([output[-1], *proposal[:accepted]], target_cache)
+        elif rejected:
+            target_cache.crop(-rejected)
+        return new_tokens, verify_aux, target_cache
+
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> SpeculativeResult:
@@ -197,24 +223,10 @@ class SpeculativeDecoder:
             proposal = [first, *self._propose(prenorm[:, -1:], first, position, draft_cache, self.k - 1, q)]
             draft_cache.crop(committed)
 
-            # A hybrid target's linear-attention layers carry a recurrent state that cannot be
-            # cropped back (transformers can only crop their conv state): keep the cache as it
-            # was before verification and replay the accepted tokens on a rejection.
-            before_verify = copy.deepcopy(target_cache) if self.family.hybrid else None
-            target_logits, verify_aux = self._target_forward([output[-1], *proposal], target_cache)
-            new_tokens = self._verify(proposal, q, target_logits)
+            new_tokens, verify_aux, target_cache = self._verify_round(
+                target_cache, context, output, proposal, q, result
+            )
             accepted = len(new_tokens) - 1
-            result.rounds += 1
-            result.accepted += accepted
-            for j in range(accepted):
-                result.accepted_per_position[j] += 1
-            # Drop the rejected proposals from the target's cache (negative = tokens to remove).
-            rejected = target_cache.get_seq_length() - (len(context) + accepted)
-            if rejected and before_verify is not None:
-                target_cache = before_verify
-                _, verify_aux = self._target_forward([output[-1], *proposal[:accepted]], target_cache)
-            elif rejected:
-                target_cache.crop(-rejected)
             output += new_tokens
             context += new_tokens
             finished = any(token in self.eos_ids for token in new_tokens)
@@ -226,17 +238,12 @@ class SpeculativeDecoder:
         result.seconds = time.perf_counter() - start
         return result
 
-    @torch.no_grad()
-    def teacher_forced_stats(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
-        """Training's acceptance estimate on this answer: one target forward over prompt + answer,
-        then the TTT unroll (k steps) exactly as training evaluates it (``eagle3.train.loss``).
-
-        The answer is masked as training masks answers (from its first token, which the decoding
-        walk then leaves to the target's prefill, as speculation does). Returns the stats vector;
-        sum it over prompts and read ``accept_len_rounds`` of ``metrics_from_stats(stats, k)``.
-        """
+    def _teacher_forced_inputs(self, prompt_ids: list[int], output_ids: list[int]):
+        """One target forward over prompt + answer (the aux states land in ``self.recorder``);
+        returns the ids and the target's side of training's loss, the answer masked as training
+        masks answers (from its first token, which the decoding walk leaves to the prefill)."""
         from eagle3.target import TargetHead
-        from eagle3.train.loss import TargetProjector, ttt_loss
+        from eagle3.train.loss import TargetProjector
 
         if self._projector is None:
             head = TargetHead(
@@ -258,9 +265,23 @@ class SpeculativeDecoder:
             hook.remove()
         loss_mask = torch.zeros_like(ids, dtype=torch.bool)
         loss_mask[:, len(prompt_ids) :] = True
-        target = self._projector(captured["last"], loss_mask, ids)
+        return ids, self._projector(captured["last"], loss_mask, ids)
+
+    @torch.no_grad()
+    def teacher_forced_stats(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        """Training's acceptance estimate on this answer: the TTT unroll (k steps) exactly as
+        training evaluates it (``eagle3.train.loss``). Returns the stats vector; sum it over
+        prompts and read ``accept_len_rounds`` of ``metrics_from_stats(stats, stats_steps)``."""
+        from eagle3.train.loss import ttt_loss
+
+        ids, target = self._teacher_forced_inputs(prompt_ids, output_ids)
         _, stats = ttt_loss(self.draft, ids, self.recorder.concatenated(), target, self.k, 1.0)
         return stats
+
+    @property
+    def stats_steps(self) -> int:
+        """The positions ``teacher_forced_stats`` counts (its "steps")."""
+        return self.k
 
     @torch.no_grad()
     def generate_target_only(self, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:

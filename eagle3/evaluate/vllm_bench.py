@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eagle3.export.serving import DRAFT_SAMPLE_METHODS
+from eagle3.export.serving import DRAFT_SAMPLE_METHODS, speculative_config_of
 
 
 @dataclass
@@ -117,9 +117,7 @@ def run_vllm(
     speculative_config = None
     extra: dict = {}
     if draft is not None:
-        speculative_config = {
-            "model": draft,
-            "method": "eagle3",
+        speculative_config = speculative_config_of(draft) | {  # method from the draft's config.json
             "num_speculative_tokens": num_speculative_tokens,
             "draft_sample_method": draft_sample_method,
         }

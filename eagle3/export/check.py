@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from eagle3.dflash import is_dflash_config
+from eagle3.export.dflash_check import check_dflash_config, check_dflash_tensors
+from eagle3.export.draft_files import FLOAT_DTYPES, same_json, target_architecture_problems, tensor_index, weight_files
 from eagle3.export.numerics import rope_problems, target_distribution_problems
 from eagle3.export.problem import Problem
 from eagle3.families import UnknownTargetError, tensor_names
@@ -24,7 +27,6 @@ KNOWN_ARCHITECTURES = {
     "LlamaForCausalLMEagle3": "llama",
     "Eagle3LlamaForCausalLM": "llama",
 }
-FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
 def expected_tensors(config: dict, draft_arch: str) -> dict[str, tuple[int, ...]]:
@@ -127,35 +129,6 @@ def _check_variant(config: dict, tensors: set[str], problems: list[Problem]) -> 
         )
 
 
-def _weight_files(draft_dir: Path, problems: list[Problem]) -> list[Path]:
-    """The safetensors files vLLM will load, flagging strays (vLLM loads every *.safetensors)."""
-    found = sorted(draft_dir.glob("*.safetensors"))
-    index_path = draft_dir / "model.safetensors.index.json"
-    if index_path.exists():
-        listed = set(json.loads(index_path.read_text())["weight_map"].values())
-        wanted = [draft_dir / name for name in sorted(listed)]
-    else:
-        wanted = [draft_dir / "model.safetensors"]
-    for path in wanted:
-        if not path.exists():
-            problems.append(Problem(f"{path} is missing", "save the draft with save_pretrained (model.safetensors)"))
-    for path in found:
-        if path not in wanted:
-            problems.append(
-                Problem(
-                    f"stray weights file {path.name}: vLLM loads every *.safetensors in the folder",
-                    f"delete {path} (or move it out of {draft_dir})",
-                )
-            )
-    for path in sorted(draft_dir.glob("*.bin")) + sorted(draft_dir.glob("*.pt")):
-        problems.append(Problem(f"stray file {path.name} beside the safetensors weights", f"delete {path}"))
-    return [path for path in wanted if path.exists()]
-
-
-def _same(a, b) -> bool:
-    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
-
-
 def _check_config(config: dict, target, problems: list[Problem]) -> str:
     architectures = config.get("architectures") or []
     arch = next((KNOWN_ARCHITECTURES[a] for a in architectures if a in KNOWN_ARCHITECTURES), None)
@@ -185,7 +158,7 @@ def _check_config(config: dict, target, problems: list[Problem]) -> str:
     from eagle3.config import draft_rope_parameters
 
     expected_rope = draft_rope_parameters(target)
-    if not _same(config.get("rope_parameters"), expected_rope):
+    if not same_json(config.get("rope_parameters"), expected_rope):
         problems.append(
             Problem(
                 f"rope_parameters {config.get('rope_parameters')} are not the draft rope for this target "
@@ -249,12 +222,7 @@ def _check_config(config: dict, target, problems: list[Problem]) -> str:
 
 
 def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str | Path, problems: list[Problem]) -> None:
-    tensors: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                tensors[name] = (path, tuple(piece.get_shape()), _slice_dtype(piece))
+    tensors = tensor_index(files)
     expected = expected_tensors(config, arch)
     _check_variant(config, set(tensors), problems)
     for name, shape in expected.items():
@@ -309,11 +277,6 @@ def _check_tensors(config: dict, arch: str, files: list[Path], target_dir: str |
             )
 
 
-def _slice_dtype(piece) -> torch.dtype:
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "BOOL": torch.bool}
-    return names.get(piece.get_dtype(), torch.float64)
-
-
 def _check_vocab_map(tensors: dict, config: dict, problems: list[Problem]) -> None:
     with safe_open(tensors["d2t"][0], framework="pt") as handle:
         d2t = handle.get_tensor("d2t")
@@ -357,24 +320,6 @@ def _check_vocab_map(tensors: dict, config: dict, problems: list[Problem]) -> No
                 problems.append(Problem("t2d does not mark exactly the target ids of d2t", "rebuild t2d from d2t"))
 
 
-def _check_target_architectures(target: str | Path, problems: list[Problem]) -> None:
-    """vLLM picks the target's class from config.json's ``architectures``; without it vLLM 0.32
-    resolves ``Qwen3Model`` (an embedding model) and eagle3 fails at start-up on a meta lm_head."""
-    from eagle3.target import _resolve
-
-    path = _resolve(target, "config.json")
-    if path is not None and not json.loads(path.read_text()).get("architectures"):
-        problems.append(
-            Problem(
-                f'the target\'s {path} has no "architectures": vLLM serves it as an embedding model '
-                "(Qwen3Model) and speculative decoding fails at start-up",
-                'add "architectures": ["Qwen3ForCausalLM"] to it, or pass vLLM '
-                'hf_overrides={"architectures": ["Qwen3ForCausalLM"]} (--hf-overrides on vllm serve)',
-                severity="warning",
-            )
-        )
-
-
 def check_draft(draft_dir: str | Path, target: str | Path, numerics: bool = True) -> list[Problem]:
     """All contract problems of the draft in ``draft_dir`` for ``target`` (empty = vLLM-ready).
 
@@ -402,11 +347,31 @@ def check_draft(draft_dir: str | Path, target: str | Path, numerics: bool = True
             problems.append(Problem(f"{config_path}: required key {key} missing", "re-save with save_pretrained"))
     if problems:
         return problems
+    if is_dflash_config(config):
+        return _check_dflash(draft_dir, config, target, target_config, problems, numerics)
     arch = _check_config(config, target_config, problems)
-    _check_target_architectures(target, problems)
-    files = _weight_files(draft_dir, problems)
+    target_architecture_problems(target, problems)
+    files = weight_files(draft_dir, problems)
     if files:
         _check_tensors(config, arch, files, target, problems)
+    if numerics:
+        problems += target_distribution_problems(config, target)
+        problems += rope_problems(config)
+    return problems
+
+
+def _check_dflash(draft_dir: Path, config: dict, target, target_config, problems: list[Problem], numerics: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer_length = len(AutoTokenizer.from_pretrained(str(target)))
+    except (OSError, ValueError):  # no tokenizer beside the weights: the mask id is checked against the vocab only
+        tokenizer_length = None
+    check_dflash_config(config, target_config, problems, tokenizer_length)
+    target_architecture_problems(target, problems)
+    files = weight_files(draft_dir, problems)
+    if files:
+        check_dflash_tensors(config, files, target, problems)
     if numerics:
         problems += target_distribution_problems(config, target)
         problems += rope_problems(config)

@@ -8,7 +8,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCardData, get_token
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from eagle3.export.serving import sampling_advice
+from eagle3.dflash import is_dflash_config
+from eagle3.export.serving import sampling_advice, speculative_config_for
 
 LOGIN_HINT = "log in with `huggingface-cli login` (or `hf auth login`), or set HF_TOKEN"
 
@@ -16,9 +17,9 @@ CARD_TEMPLATE = """---
 {metadata}
 ---
 
-# EAGLE-3 draft for {target}
+# {method_title} draft for {target}
 
-A speculative-decoding draft (EAGLE-3) for {target_link}, trained with eagle3-qwen3 on the
+A speculative-decoding draft ({method_title}) for {target_link}, trained with eagle3-qwen3 on the
 target's own answers. vLLM serves it unchanged.
 
 ## Serve it with vLLM
@@ -30,8 +31,8 @@ llm = LLM(
     model="{target}",
     speculative_config={{
         "model": "{draft}",
-        "method": "eagle3",
-        "num_speculative_tokens": 3,
+        "method": "{method}",
+        "num_speculative_tokens": {k},
         "draft_sample_method": "probabilistic",  # above temperature 0: see below
     }},
 )
@@ -39,7 +40,7 @@ params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=256)  
 print(llm.generate(["Hello"], params)[0].outputs[0].text)
 ```
 
-or `vllm serve {target} --speculative-config '{{"model": "{draft}", "method": "eagle3", "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}}'`.
+or `vllm serve {target} --speculative-config '{serve_json}'`.
 
 {sampling_advice}
 
@@ -49,14 +50,13 @@ or `vllm serve {target} --speculative-config '{{"model": "{draft}", "method": "e
 |---|---|
 | architecture | `{architecture}` (`model_type: {model_type}`), {num_layers} decoder layer(s), hidden size {hidden} |
 | target layers (output of 0-based layer i, as in `--target-layers`) | {layers} |
-| vLLM aux layer ids (`eagle_aux_hidden_state_layer_ids`, input of layer i) | {vllm_ids} |
-| draft vocabulary | {draft_vocab} of {vocab} target tokens (covers {coverage} of the training answer tokens) |
+{draft_rows}
 
 ## Training data
 
 {data_rows}
 
-## Evaluation (held-out split, teacher forcing, {steps} draft steps)
+## Evaluation (held-out split, teacher forcing, {steps} drafted positions)
 
 {eval_rows}
 
@@ -91,11 +91,35 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
         base_model=target if "/" in str(target) and not Path(str(target)).exists() else None,
         library_name="vllm",
         pipeline_tag="text-generation",
-        tags=["eagle3", "speculative-decoding", "draft-model", "qwen3"],
+        tags=["dflash" if is_dflash_config(config) else "eagle3", "speculative-decoding", "draft-model", "qwen3"],
         license="apache-2.0",
     )
+    serving = speculative_config_for(config, repo_id or f"./{draft_dir.name}")
+    dflash = serving["method"] == "dflash"
+    if dflash:
+        dflash_config = config.get("dflash_config") or {}
+        layers = dflash_config.get("target_layer_ids")
+        draft_rows = (
+            f"| block size (serve with num_speculative_tokens = block size - 1) | {config.get('block_size')} |\n"
+            f"| mask token id | {dflash_config.get('mask_token_id')} |\n"
+            f"| vocabulary, embedding, lm_head | the target's ({config.get('vocab_size')} tokens, shared by vLLM) |"
+        )
+    else:
+        layers = config.get("target_layers")
+        coverage = f"{data['draft_vocab_coverage']:.2%}" if "draft_vocab_coverage" in data else "n/a"
+        draft_rows = (
+            f"| vLLM aux layer ids (`eagle_aux_hidden_state_layer_ids`, input of layer i) | "
+            f"{config.get('eagle_aux_hidden_state_layer_ids')} |\n"
+            f"| draft vocabulary | {config.get('draft_vocab_size')} of {config.get('vocab_size')} target tokens "
+            f"(covers {coverage} of the training answer tokens) |"
+        )
     text = CARD_TEMPLATE.format(
         metadata=card_data.to_yaml(),
+        method_title="DFlash" if dflash else "EAGLE-3",
+        method=serving["method"],
+        k=serving["num_speculative_tokens"],
+        serve_json=json.dumps(serving),
+        draft_rows=draft_rows,
         target=target,
         # Link Hub ids only; a local folder (absolute, ./ or existing on disk) has no page.
         target_link=f"`{target}`"
@@ -107,15 +131,11 @@ def render_model_card(draft_dir: str | Path, info: dict, repo_id: str | None = N
         model_type=config.get("model_type"),
         num_layers=config.get("num_hidden_layers"),
         hidden=config.get("hidden_size"),
-        layers=config.get("target_layers"),
-        vllm_ids=config.get("eagle_aux_hidden_state_layer_ids"),
-        draft_vocab=config.get("draft_vocab_size"),
-        vocab=config.get("vocab_size"),
-        coverage=f"{data['draft_vocab_coverage']:.2%}" if "draft_vocab_coverage" in data else "n/a",
+        layers=layers,
         data_rows=_table(data),
         eval_rows=_table(eval_rows),
         steps=steps,
-        sampling_advice=sampling_advice(config.get("vocab_size")),
+        sampling_advice=sampling_advice(config.get("vocab_size"), serving["num_speculative_tokens"]),
     )
     return text
 

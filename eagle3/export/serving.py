@@ -10,6 +10,11 @@ The cost: vLLM keeps the draft's probabilities, k x vocab float32 per running se
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from eagle3.dflash import is_dflash_config
+
 # vLLM's SpeculativeConfig.draft_sample_method values (vllm/config/speculative.py, DraftSampleMethod)
 DRAFT_SAMPLE_METHODS = ("greedy", "probabilistic")
 # Qwen3's recommended sampling for thinking mode (its model cards): T=0.6, top-p 0.95, top-k 20
@@ -39,3 +44,20 @@ def sampling_advice(vocab_size: int | None = None, num_speculative_tokens: int =
         f"2.47 probabilistic). Its cost: vLLM keeps the draft's probabilities on the GPU, {cost}. "
         "At temperature 0 both methods are the same."
     )
+
+
+def speculative_config_for(draft_config: dict, model: str) -> dict:
+    """vLLM's speculative config for a saved draft (its config.json as a dict): the method its
+    architecture needs, and k = block_size - 1 for DFlash (the blocks it was trained on; fewer masks
+    than in training change what its non-causal layers see), 3 for EAGLE-3."""
+    if is_dflash_config(draft_config):
+        method, k = "dflash", int(draft_config.get("block_size", 16)) - 1
+    else:
+        method, k = "eagle3", 3
+    return {"model": model, "method": method, "num_speculative_tokens": k, "draft_sample_method": "probabilistic"}
+
+
+def speculative_config_of(draft_dir: str | Path, model: str | None = None) -> dict:
+    """``speculative_config_for`` read from ``draft_dir/config.json``."""
+    config = json.loads((Path(draft_dir) / "config.json").read_text())
+    return speculative_config_for(config, str(model if model is not None else draft_dir))

@@ -23,8 +23,9 @@ from transformers import TrainingArguments
 
 from eagle3.argparsing import parse_dataclass
 from eagle3.collect.args import CollectArgs
-from eagle3.config import DEFAULT_MAX_LENGTH
+from eagle3.config import DEFAULT_MAX_LENGTH, NORM_FIELDS
 from eagle3.data.template import parse_thinking
+from eagle3.dflash import DEFAULT_BLOCK_SIZE, DEFAULT_NUM_DRAFT_LAYERS, default_loss_decay
 
 # The checkout holding this package: accelerate_configs/*.yaml name ds_configs/*.json relative to it.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -168,8 +169,19 @@ class Eagle3TrainingArguments(TrainingArguments):
             "aliases": ["--target-layers", "--target_layers"],
         },
     )
-    num_draft_layers: int = field(
-        default=1, metadata={"help": "Decoder layers in the draft (1 is the EAGLE-3 default)."}
+    draft_type: str = field(
+        default="eagle3",
+        metadata={
+            "help": "eagle3 (default) or dflash: a DFlash block-diffusion draft (arXiv 2602.06036) that drafts "
+            "--block-size - 1 tokens in one pass, served by vLLM with method dflash. It reads the target layers the "
+            "data was collected at (collect with run_collect.py --layers dflash for its default 5).",
+            "choices": ["eagle3", "dflash"],
+            "aliases": ["--draft_type"],
+        },
+    )
+    num_draft_layers: int | None = field(
+        default=None,
+        metadata={"help": "Decoder layers in the draft (default: 1 for EAGLE-3, 5 for DFlash, as published)."},
     )
     draft_vocab_size: int = field(
         default=32000, metadata={"help": "Draft lm_head size; capped at the target vocabulary."}
@@ -243,6 +255,39 @@ class Eagle3TrainingArguments(TrainingArguments):
         },
     )
 
+    # --- DFlash (--draft-type dflash) ---
+    block_size: int = field(
+        default=DEFAULT_BLOCK_SIZE,
+        metadata={
+            "help": "DFlash: tokens per block (the verified one + block_size - 1 masks); serve with "
+            "num_speculative_tokens = block_size - 1. 16 as the published Qwen3 drafts.",
+            "aliases": ["--block_size"],
+        },
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata={
+            "help": "DFlash: the id fed at masked slots (default: the first embedding row the tokenizer does not "
+            "use, 151669 for Qwen3).",
+            "aliases": ["--mask_token_id"],
+        },
+    )
+    num_anchors: int = field(
+        default=512,
+        metadata={
+            "help": "DFlash: blocks drawn per sample and step (random anchors in the answers).",
+            "aliases": ["--num_anchors"],
+        },
+    )
+    dflash_loss_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "DFlash: block position k weighs exp(-(k-1)/gamma) (default: the paper's 7 for blocks of 16, "
+            "5 for 10, 4 for 8).",
+            "aliases": ["--dflash_loss_decay"],
+        },
+    )
+
     # --- TrainingArguments fields re-declared for the recipe's aliases and this method's defaults ---
     output_dir: str | None = field(
         default="eagle3_qwen3_model", metadata={"help": "Where checkpoints, best_model/ and final_model/ go."}
@@ -298,6 +343,7 @@ class Eagle3TrainingArguments(TrainingArguments):
                 "attention already recomputes in backward). Drop it; to save memory use --head-checkpointing "
                 "(recomputes the lm_head + loss) or a smaller --per_device_train_batch_size/--max-length."
             )
+        self._resolve_draft_type()
         if self.draft_variant is None:
             self.draft_variant = "eagle3" if self.draft_arch == "llama" else "eagle3.1"
         if self.ttt_steps < 1:
@@ -337,6 +383,48 @@ class Eagle3TrainingArguments(TrainingArguments):
         if self.eval_ratio == 0.0:
             self.eval_strategy = "no"  # nothing to evaluate on; the best model is then the final one
             self.metric_for_best_model = None
+
+    def _resolve_draft_type(self) -> None:
+        """Defaults that depend on --draft-type, and the flags the other draft type would ignore."""
+        dflash = self.draft_type == "dflash"
+        if self.num_draft_layers is None:
+            self.num_draft_layers = DEFAULT_NUM_DRAFT_LAYERS if dflash else 1
+        if self.num_draft_layers < 1:
+            raise ValueError(f"--num-draft-layers must be >= 1, got {self.num_draft_layers}")
+        eagle3_only = {
+            "ttt_steps": 7,
+            "ttt_decay": 0.8,
+            "draft_vocab_size": 32000,
+            "draft_arch": "qwen3",
+            "draft_variant": None,
+            "head_checkpointing": False,
+            **{name: None for name in NORM_FIELDS},
+        }
+        dflash_only = {
+            "block_size": DEFAULT_BLOCK_SIZE,
+            "mask_token_id": None,
+            "num_anchors": 512,
+            "dflash_loss_decay": None,
+        }
+        other = eagle3_only if dflash else dflash_only
+        given = [name for name, default in other.items() if getattr(self, name) != default]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            mine, theirs = ("dflash", "eagle3") if dflash else ("eagle3", "dflash")
+            raise ValueError(
+                f"{flags}: only read by --draft-type {theirs}, and this run trains --draft-type {mine}; drop it"
+            )
+        if dflash:
+            if self.block_size < 2:
+                raise ValueError(
+                    f"--block-size must be >= 2 (the verified token + at least one mask), got {self.block_size}"
+                )
+            if self.num_anchors < 1:
+                raise ValueError(f"--num-anchors must be >= 1, got {self.num_anchors}")
+            if self.dflash_loss_decay is None:
+                self.dflash_loss_decay = default_loss_decay(self.block_size)
+            if self.dflash_loss_decay <= 0:
+                raise ValueError(f"--dflash-loss-decay must be > 0, got {self.dflash_loss_decay}")
 
     def _refuse_flags_of_other_modes(self) -> None:
         """A flag that only another mode reads would be silently ignored: say so instead. A value

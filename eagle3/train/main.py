@@ -29,13 +29,14 @@ from eagle3.config import (
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
 from eagle3.device import select_device
+from eagle3.dflash import DFlashQwen3Config, mask_token_for
 from eagle3.families import parameter_counts
 from eagle3.target import TargetHead, config_hash, load_target_config, resolve_model, target_family
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, padded, split_train_eval
 from eagle3.train.loss import TargetProjector
 from eagle3.train.memory_model import estimate_peak_memory, target_shape
-from eagle3.train.model import Eagle3DraftForTraining
+from eagle3.train.model import DFlashDraftForTraining, Eagle3DraftForTraining
 from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
 from eagle3.train.server_states import ServerSource, ServerStatesDataset
 from eagle3.train.trainer import BEST_MODEL_DIR, EVAL_METRICS_FILE, FINAL_MODEL_DIR, Eagle3Trainer
@@ -98,6 +99,8 @@ def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
 
 
 def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, draft_ids: torch.Tensor):
+    if args.draft_type == "dflash":
+        return build_dflash_draft(args, plan, head)
     config = Eagle3Qwen3Config.from_target_config(
         plan.target_config,
         target_layers=plan.target_layers,
@@ -120,6 +123,36 @@ def build_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead, dra
     draft.ttt_steps, draft.ttt_decay, draft.head_checkpointing = args.ttt_steps, args.ttt_decay, args.head_checkpointing
     draft.loss_type, draft.lk_eta = args.loss, args.lk_eta
     return draft
+
+
+def build_dflash_draft(args: Eagle3TrainingArguments, plan: Plan, head: TargetHead) -> DFlashDraftForTraining:
+    """A DFlash draft reading the data's target layers, with the target's embedding and lm_head."""
+    config = DFlashQwen3Config.from_target_config(
+        plan.target_config,
+        target_layers=plan.target_layers,
+        mask_token_id=dflash_mask_token(args, plan),
+        num_draft_layers=args.num_draft_layers,
+        block_size=args.block_size,
+        target_model_name_or_path=plan.base_model,
+        intermediate_size=args.draft_intermediate_size,
+    )
+    config.dtype = str(export_dtype(plan.target_config)).removeprefix("torch.")
+    set_seed(args.seed)
+    draft = DFlashDraftForTraining(config).float()
+    draft.load_target_embeddings(head.embed_tokens, head.lm_head)
+    draft.num_anchors, draft.loss_decay = args.num_anchors, args.dflash_loss_decay
+    draft.loss_type, draft.lk_eta = args.loss, args.lk_eta
+    return draft
+
+
+def dflash_mask_token(args: Eagle3TrainingArguments, plan: Plan) -> int:
+    """--mask-token-id, else the first embedding row the target's tokenizer leaves unused."""
+    if args.mask_token_id is not None:
+        return mask_token_for(0, plan.target_config.vocab_size, args.mask_token_id)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.base_model)
+    return mask_token_for(len(tokenizer), plan.target_config.vocab_size)
 
 
 def export_dtype(target_config) -> torch.dtype:
@@ -273,7 +306,12 @@ def train(args: Eagle3TrainingArguments, callbacks: list | None = None) -> dict:
 
         vocab_size = plan.target_config.vocab_size
         counts = count_tokens(train_set.token_ids_and_masks(), vocab_size)
-        draft_ids = select_draft_vocab(counts, args.draft_vocab_size)
+        # A DFlash draft predicts through the target's own lm_head: its vocabulary is the target's.
+        draft_ids = (
+            torch.arange(vocab_size)
+            if args.draft_type == "dflash"
+            else select_draft_vocab(counts, args.draft_vocab_size)
+        )
         data_stats = {
             "hidden_states": (
                 ("online from vLLM servers" if args.server_url else "online")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
+from eagle3.dflash import DFlashQwen3ForCausalLM
 from eagle3.modeling import Eagle3Qwen3ForCausalLM
+from eagle3.train.dflash_loss import block_loss
 from eagle3.train.loss import TargetBatch, ttt_loss
 
 
@@ -28,6 +30,11 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
     head_checkpointing: bool = False
     loss_type: str = "soft_ce"
     lk_eta: float = 1.0  # lk_lambda's KL weight exp(-lk_eta * mean acceptance)
+
+    @property
+    def stats_steps(self) -> int:
+        """Positions each round drafts (the statistics' "steps"): the TTT steps."""
+        return self.ttt_steps
 
     def forward(
         self,
@@ -51,6 +58,48 @@ class Eagle3DraftForTraining(Eagle3Qwen3ForCausalLM):
             self.ttt_steps,
             self.ttt_decay,
             self.head_checkpointing,
+            loss_type=self.loss_type,
+            num_items=num_items,
+            lk_eta=self.lk_eta,
+        )
+        return Eagle3TrainingOutput(loss=loss, stats=stats)
+
+
+class DFlashDraftForTraining(DFlashQwen3ForCausalLM):
+    """The DFlash draft with its block-wise training loss in ``forward`` (one forward per micro-batch,
+    same inputs as ``Eagle3DraftForTraining``, so the Trainer drives both the same way)."""
+
+    num_anchors: int = 512
+    loss_decay: float = 7.0
+    loss_type: str = "soft_ce"
+    lk_eta: float = 1.0
+
+    @property
+    def stats_steps(self) -> int:
+        """Positions each round drafts (the statistics' "steps"): block_size - 1."""
+        return self.config.block_size - 1
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        aux_hidden_states: torch.Tensor,
+        target_probs: torch.Tensor,
+        target_pred: torch.Tensor,
+        target_valid: torch.Tensor,
+        target_assistant: torch.Tensor,
+        target_greedy: torch.Tensor | None = None,
+        num_items: torch.Tensor | None = None,
+    ) -> Eagle3TrainingOutput:
+        target = TargetBatch(
+            probs=target_probs, pred=target_pred, valid=target_valid, assistant=target_assistant, greedy=target_greedy
+        )
+        loss, stats = block_loss(
+            self,
+            input_ids,
+            aux_hidden_states,
+            target,
+            num_anchors=self.num_anchors,
+            decay_gamma=self.loss_decay,
             loss_type=self.loss_type,
             num_items=num_items,
             lk_eta=self.lk_eta,

@@ -59,8 +59,10 @@ class Eagle3Trainer(Trainer):
         self.online_target = online_target  # --online: the frozen target computes the states per batch
         self.data_stats = data_stats or {}
         self.data_wait_seconds = 0.0  # time the training loop spent waiting for its next batches
-        # Per mode: TTT stats, then [real tokens, padded slots].
-        size = stats_size(self.args.ttt_steps) + 2
+        # Positions a round drafts: the TTT steps (EAGLE-3) or block_size - 1 (DFlash).
+        self.stats_steps = int(getattr(self.model, "stats_steps", self.args.ttt_steps))
+        # Per mode: per-position stats, then [real tokens, padded slots].
+        size = stats_size(self.stats_steps) + 2
         self._stats = {
             mode: torch.zeros(size, dtype=torch.float64, device=self.args.device) for mode in ("train", "eval")
         }
@@ -166,7 +168,7 @@ class Eagle3Trainer(Trainer):
         self._stats[mode].zero_()
         if float(stats[-1]) == 0:
             return {}
-        metrics = metrics_from_stats(stats[:-2], self.args.ttt_steps)
+        metrics = metrics_from_stats(stats[:-2], self.stats_steps)
         metrics["padding_fraction"] = 1.0 - float(stats[-2] / stats[-1])
         return metrics
 
