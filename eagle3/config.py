@@ -202,16 +202,49 @@ def to_vllm_layer_ids(layers: Sequence[int]) -> list[int]:
     return [int(layer) + 1 for layer in layers]
 
 
-def parse_layers(text: str | Sequence[int] | None, flag: str = "--layers") -> list[int] | None:
-    """Parse "0,13,27" (or a list) into ints with a message that names the flag."""
+DFLASH_LAYERS = "dflash"  # --layers dflash[:N]: DFlash's default N target layers (N = 5 by default)
+
+
+def default_dflash_layers(num_target_layers: int, count: int = 5) -> list[int]:
+    """DFlash's default target layers: ``count`` layers spread evenly from layer 1 to L - 3
+    (Qwen3-8B, 36 layers, 5 layers: 1, 9, 17, 25, 33, as the published draft reads)."""
+    if count == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    layers = [round(start + i * (end - start) / (count - 1)) for i in range(count)]
+    return sorted({min(max(layer, 0), num_target_layers - 1) for layer in layers})
+
+
+def parse_layers(text: str | Sequence[int] | None, flag: str = "--layers") -> list[int] | str | None:
+    """Parse "0,13,27" (or a list) into ints with a message that names the flag. ``dflash`` or
+    ``dflash:N`` stays a preset (normalised to "dflash:N") until the target's depth is known:
+    ``resolve_layers`` turns it into DFlash's default layers."""
     if text is None or text == "":
         return None
     if not isinstance(text, str):
         return [int(x) for x in text]
+    preset = text.strip().lower()
+    if preset.startswith(DFLASH_LAYERS):
+        count = preset.removeprefix(DFLASH_LAYERS).removeprefix(":") or "5"
+        if not count.isdigit() or int(count) < 1:
+            raise Eagle3ConfigError(f"{flag}: expected dflash or dflash:N with N >= 1 (e.g. dflash:5), got {text!r}.")
+        return f"{DFLASH_LAYERS}:{int(count)}"
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
-        raise Eagle3ConfigError(f"{flag}: expected comma-separated integers like 0,13,27, got {text!r}.") from None
+        raise Eagle3ConfigError(
+            f"{flag}: expected comma-separated integers like 0,13,27 (or dflash[:N]), got {text!r}."
+        ) from None
+
+
+def resolve_layers(layers: list[int] | str | None, num_target_layers: int, flag: str = "--layers") -> list[int]:
+    """Layers for a target of ``num_target_layers``: given ones checked, a ``dflash:N`` preset
+    expanded, none = EAGLE-3's default."""
+    if layers is None:
+        layers = default_target_layers(num_target_layers)
+    elif isinstance(layers, str):
+        layers = default_dflash_layers(num_target_layers, int(parse_layers(layers, flag).split(":")[1]))
+    return validate_target_layers(layers, num_target_layers, flag=flag)
 
 
 class Eagle3Qwen3Config(Qwen3Config):

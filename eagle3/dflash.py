@@ -55,16 +55,6 @@ DEFAULT_BLOCK_SIZE = 16  # the published Qwen3 DFlash drafts (z-lab/Qwen3-*-DFla
 DEFAULT_NUM_DRAFT_LAYERS = 5  # ... with 5 draft layers reading 5 target layers
 
 
-def default_dflash_layers(num_target_layers: int, num_draft_layers: int = DEFAULT_NUM_DRAFT_LAYERS) -> list[int]:
-    """DFlash's default target layers: ``num_draft_layers`` spread evenly from layer 1 to L - 3
-    (Qwen3-8B, 36 layers, 5 draft layers: 1, 9, 17, 25, 33 as the published draft)."""
-    if num_draft_layers == 1:
-        return [num_target_layers // 2]
-    start, end = 1, num_target_layers - 3
-    layers = [round(start + i * (end - start) / (num_draft_layers - 1)) for i in range(num_draft_layers)]
-    return sorted({min(max(layer, 0), num_target_layers - 1) for layer in layers})
-
-
 def default_loss_decay(block_size: int) -> float:
     """The paper's position decay gamma: 7 for blocks of 16, 5 for 10, 4 for 8 (about block / 2.2)."""
     return {16: 7.0, 10: 5.0, 8: 4.0}.get(block_size, max(1.0, block_size / 2.2))
@@ -184,9 +174,10 @@ class DFlashQwen3Config(Qwen3Config):
 
 
 def is_dflash_config(config: dict | Any) -> bool:
-    """Whether a draft's config (dict or config object) describes a DFlash draft."""
-    architectures = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
-    return DFLASH_ARCHITECTURE in (architectures or [])
+    """Whether a draft's config (dict or config object) describes a DFlash draft (by its
+    architecture, or by a ``dflash_config`` when the architecture is wrong: the checker says so)."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return DFLASH_ARCHITECTURE in (get("architectures") or []) or get("dflash_config") is not None
 
 
 class DFlashAttention(nn.Module):

@@ -100,7 +100,8 @@ class CollectArgs:
         metadata={
             "section": STORE,
             "help": "Aux layers, comma-separated 0-based decoder layer indices (layer i = OUTPUT of layer i; "
-            "vLLM id i+1). Default: EAGLE-3's 1,L//2-1,L-4. Becomes a list of ints after parsing.",
+            "vLLM id i+1). Default: EAGLE-3's 1,L//2-1,L-4. dflash[:N]: DFlash's N (default 5) layers spread from 1 "
+            "to L-3, what run_train.py --draft-type dflash reads. Becomes a list of ints after parsing.",
             "aliases": ["--target-layers", "--target_layers"],
         },
     )

@@ -21,7 +21,8 @@ from transformers import AutoTokenizer
 from eagle3.argparsing import prog_name
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import CollectError
-from eagle3.config import default_target_layers, to_vllm_layer_ids, validate_target_layers
+from eagle3.config import resolve_layers as resolve_layer_spec
+from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation, LoadStats, load_conversations
 from eagle3.data.store import DiskFullError, NonFiniteSampleError, StoreWriter, read_manifest
 from eagle3.data.template import ChatRenderer, resolve_thinking, tokenizer_hash
@@ -109,8 +110,7 @@ def shard_of(args: CollectArgs) -> tuple[int, int]:
 
 
 def resolve_layers(args: CollectArgs, num_layers: int) -> list[int]:
-    layers = args.layers if args.layers is not None else default_target_layers(num_layers)
-    return validate_target_layers(layers, num_layers, flag="--layers")
+    return resolve_layer_spec(args.layers, num_layers, flag="--layers")
 
 
 def store_header(args: CollectArgs, config, layers: list[int], tokenizer) -> dict[str, Any]:

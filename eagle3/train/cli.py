@@ -35,13 +35,13 @@ def _summary(output_dir: Path, seconds: float, metrics: dict) -> str:
         metrics, data = info.get("metrics", {}), info.get("data", {})
         if "eval_accept_len" in metrics:
             lines.append(
-                f"eval simulated acceptance length: {metrics['eval_accept_len']:.3f} over all TTT steps, "
+                f"eval simulated acceptance length: {metrics['eval_accept_len']:.3f} over all drafted positions (TTT steps or DFlash block), "
                 f"{metrics.get('eval_accept_len_k3', float('nan')):.3f} at k=3 (step {info.get('global_step')})"
             )
         if "eval_accept_len_rounds_k3" in metrics:
             lines.append(
                 f"counted over decoding's rounds (compare with vLLM): {metrics['eval_accept_len_rounds_k3']:.3f} "
-                f"at k=3, {metrics['eval_accept_len_rounds']:.3f} over all TTT steps"
+                f"at k=3, {metrics['eval_accept_len_rounds']:.3f} over all drafted positions"
             )
         if data:
             lines.append(

@@ -23,8 +23,8 @@ from eagle3.config import (
     Eagle3ConfigError,
     Eagle3Qwen3Config,
     parse_layers,
+    resolve_layers,
     to_vllm_layer_ids,
-    validate_target_layers,
 )
 from eagle3.data.codecs import has_states
 from eagle3.data.store import HiddenStateStore, read_manifest
@@ -35,7 +35,7 @@ from eagle3.target import TargetHead, config_hash, load_target_config, resolve_m
 from eagle3.train.args import Eagle3TrainingArguments
 from eagle3.train.dataset import Eagle3Collator, StoreDataset, padded, split_train_eval
 from eagle3.train.loss import TargetProjector
-from eagle3.train.memory_model import estimate_peak_memory, target_shape
+from eagle3.train.memory_model import estimate_dflash_peak_memory, estimate_peak_memory, target_shape
 from eagle3.train.model import DFlashDraftForTraining, Eagle3DraftForTraining
 from eagle3.train.online import OnlineTarget, online_dtype, prepare_online_data
 from eagle3.train.server_states import ServerSource, ServerStatesDataset
@@ -88,7 +88,7 @@ def check_data_against_target(args: Eagle3TrainingArguments) -> Plan:
     stored = [int(x) for x in manifest["layers"]]
     given = parse_layers(args.layers, "--layers")
     if given is not None:
-        given = validate_target_layers(given, target_config.num_hidden_layers, flag="--layers")
+        given = resolve_layers(given, target_config.num_hidden_layers, flag="--layers")
         if given != stored:
             raise Eagle3ConfigError(
                 f"--layers {','.join(map(str, given))} does not match the layers the data in --data-dir was "
@@ -175,6 +175,28 @@ def memory_estimate(
     ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+    distributed = dict(
+        target_dtype_bytes=2
+        if str(getattr(target_config, "dtype", "bfloat16")).endswith(("bfloat16", "float16"))
+        else 4,
+        zero_stage=int(zero.get("stage", 0) or 0),
+        world_size=args.world_size,
+        offload_optimizer=offload,
+    )
+    if args.draft_type == "dflash":
+        shape = target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size)
+        return estimate_dflash_peak_memory(
+            **shape,
+            tokens_per_batch=tokens,
+            max_length=longest or tokens,
+            num_anchors=args.num_anchors,
+            block_size=args.block_size,
+            num_aux=len(plan.target_layers),
+            num_draft_layers=args.num_draft_layers,
+            mixed_precision=bool(args.bf16 or args.fp16),
+            online_target_bytes=online_target_bytes,
+            **distributed,
+        )
     return estimate_peak_memory(
         **target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size),
         draft_vocab_size=draft_vocab_size,
@@ -187,12 +209,7 @@ def memory_estimate(
         mixed_precision=bool(args.bf16 or args.fp16),
         head_checkpointing=args.head_checkpointing,
         loss=args.loss,
-        target_dtype_bytes=2
-        if str(getattr(target_config, "dtype", "bfloat16")).endswith(("bfloat16", "float16"))
-        else 4,
-        zero_stage=int(zero.get("stage", 0) or 0),
-        world_size=args.world_size,
-        offload_optimizer=offload,
+        **distributed,
     )
 
 

@@ -48,6 +48,7 @@ class MemoryEstimate:
     activations: int
     tokens_per_batch: int
     online_target: int = 0  # the whole frozen target, when --online runs it in this process
+    draft_type: str = "eagle3"  # "dflash": frozen = the target's embedding AND lm_head; block activations
 
     @property
     def total(self) -> int:
@@ -64,11 +65,20 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [
             ("draft weights (trainable, fp32 master)", self.trainable_weights),
-            ("frozen weights (target embedding in the draft)", self.frozen_weights),
+            (
+                "frozen weights (target embedding in the draft)"
+                if self.draft_type == "eagle3"
+                else "frozen weights (target embedding + lm_head in the draft)",
+                self.frozen_weights,
+            ),
             ("gradients", self.gradients),
             ("AdamW states", self.optimizer_states),
             ("target norm + lm_head (loss)", self.target_head),
-            (f"TTT activations ({self.tokens_per_batch} tokens per micro-batch)", self.activations),
+            (
+                f"{'TTT' if self.draft_type == 'eagle3' else 'DFlash block'} activations "
+                f"({self.tokens_per_batch} tokens per micro-batch)",
+                self.activations,
+            ),
         ]
         if self.online_target:
             rows.insert(0, ("frozen target (--online, all experts)", self.online_target))
@@ -281,3 +291,91 @@ def budget_table(
 
 if __name__ == "__main__":
     print(budget_table())
+
+
+def dflash_parameter_counts(shape: DraftShape) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of a DFlash draft: fc, hidden_norm, the layers (H
+    inputs each) and the final norm; frozen = the target's embedding and lm_head it holds."""
+    h, i, head_dim = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+    trainable = shape.num_aux * (shape.target_hidden_size or h) * h + 2 * h  # fc, hidden_norm, norm
+    trainable += shape.num_draft_layers * (h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h + 2 * head_dim)
+    return trainable, 2 * shape.vocab_size * h
+
+
+def dflash_activation_bytes_per_sample(
+    shape: DraftShape, sequence_length: int, num_anchors: int, block_size: int, mixed_precision: bool = False
+) -> int:
+    """Bytes autograd keeps for one sample of ``sequence_length`` tokens in ``block_loss``
+    (eagle3.train.dflash_loss): the context (fc in/out, hidden_norm, per layer its keys/values),
+    the target's softmax over the whole vocabulary at every position (fp32), the blocks
+    (min(num_anchors, T) x block_size tokens through every layer, as an EAGLE-3 layer of width H
+    per token, plus the [Q, T + Q] attention mask), and per drafted position the log-softmax and
+    the gathered target probabilities (2 x vocab fp32)."""
+    h, i, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
+    act, fp32 = (2 if mixed_precision else 4), 4
+    tokens = sequence_length
+    context = tokens * (shape.num_aux * (shape.target_hidden_size or h) * act + 2 * h * act + h * fp32)
+    context += tokens * shape.num_draft_layers * 4 * kv * act  # keys (+ k_norm, rotary) and values per layer
+    target_probs = tokens * vocab * fp32
+    block_tokens = min(num_anchors, tokens) * block_size
+    layer = 2 * h * fp32 + h * act + (3 * q + 3 * kv) * act + q * act + h * act + 2 * h * fp32 + h * act
+    layer += 4 * i * act + h * act
+    blocks = block_tokens * (shape.num_draft_layers * layer + 2 * h * fp32 + h * act)
+    mask = block_tokens * (tokens + block_tokens) * (1 + act)  # boolean mask and SDPA's additive copy
+    labels = block_tokens * (block_size - 1) // block_size
+    heads = labels * 2 * vocab * fp32 + min(num_anchors, tokens) * 4 * vocab * fp32  # + one position's backward
+    return context + target_probs + blocks + mask + heads
+
+
+def estimate_dflash_peak_memory(
+    hidden_size: int,
+    intermediate_size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    tokens_per_batch: int,
+    max_length: int,
+    num_anchors: int = 512,
+    block_size: int = 16,
+    num_aux: int = 5,
+    num_draft_layers: int = 5,
+    target_hidden_size: int | None = None,
+    mixed_precision: bool = False,
+    target_dtype_bytes: int = 2,
+    zero_stage: int = 0,
+    world_size: int = 1,
+    offload_optimizer: bool = False,
+    online_target_bytes: int = 0,
+) -> MemoryEstimate:
+    """``estimate_peak_memory`` for a DFlash draft (``--draft-type dflash``): micro-batches of
+    ``tokens_per_batch`` padded tokens in samples of ``max_length``."""
+    shape = DraftShape(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        draft_vocab_size=vocab_size,
+        target_hidden_size=target_hidden_size,
+        num_aux=num_aux,
+        num_draft_layers=num_draft_layers,
+    )
+    trainable, frozen = dflash_parameter_counts(shape)
+    shard = max(1, world_size)
+    per_sample = dflash_activation_bytes_per_sample(shape, max_length, num_anchors, block_size, mixed_precision)
+    samples = -(-tokens_per_batch // max(1, max_length))
+    return MemoryEstimate(
+        trainable_weights=trainable * 4 // (shard if zero_stage >= 3 else 1),
+        frozen_weights=frozen * 4,
+        gradients=trainable * 4 // (shard if zero_stage >= 2 else 1),
+        optimizer_states=0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1),
+        target_head=(vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes,
+        activations=per_sample * samples,
+        tokens_per_batch=tokens_per_batch,
+        online_target=online_target_bytes,
+        draft_type="dflash",
+    )

@@ -52,6 +52,13 @@ class OnlineTarget:
         return {"aux_hidden_states": aux, "last_hidden_states": last}
 
 
+def online_layers(args) -> str | None:
+    """--layers for the collection --online --dataset runs: as given, else the draft type's default."""
+    if args.layers is None and getattr(args, "draft_type", "eagle3") == "dflash":
+        return f"dflash:{args.num_draft_layers}"
+    return args.layers
+
+
 def prepare_online_data(args) -> str:
     """``--online --dataset``: regenerate and render into OUTPUT_DIR/online_data (ids + masks only),
     every rank its share, then wait for all ranks. Rerunning resumes what is there."""
@@ -63,7 +70,7 @@ def prepare_online_data(args) -> str:
         model=args.model,
         output_dir=str(output_dir),
         dataset=list(args.dataset),
-        layers=parse_layers(args.layers, "--layers"),
+        layers=parse_layers(online_layers(args), "--layers"),
         max_length=args.max_length,
         seed=args.seed,
         dataset_split=args.dataset_split,
