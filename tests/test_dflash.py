@@ -4,15 +4,19 @@ in-process speculation, and vLLM 0.32 serving the trained draft with ``method: "
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, Qwen3Config
+from transformers import AutoConfig, Qwen3Config, TrainerCallback
 
+from eagle3.collect.cli import main as collect_main
 from eagle3.config import parse_layers, resolve_layers
 from eagle3.dflash import DFlashQwen3Config, DFlashQwen3ForCausalLM
 from eagle3.evaluate.run import evaluate
@@ -31,6 +35,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from train_data import cached_store
 
+REPO = Path(__file__).resolve().parents[1]
 BLOCK = 4
 K = BLOCK - 1
 FAST = ["--report_to", "none", "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--logging_steps", "5"]
@@ -272,3 +277,91 @@ def test_vllm_serves_the_trained_draft_losslessly_and_agrees_with_in_process(tra
     assert abs(report.acceptance_length - hf_report.acceptance_length) / report.acceptance_length < 0.10
     for hf_rate, vllm_rate in zip(hf_report.per_position_acceptance, report.per_position_acceptance, strict=True):
         assert abs(hf_rate - vllm_rate) < 0.15
+
+
+# ----------------------------------------------------------------------------- resume, online, ZeRO
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_resume_equals_uninterrupted(trained_target, tmp_path):
+    """The anchors are random: a resumed run must draw the same ones (the Trainer restores the RNG)."""
+
+    def args(out, *extra):
+        argv = ["--data-dir", str(cached_store(trained_target)), "--output-dir", str(out)]
+        argv += ["--base-model", str(trained_target), "--max_steps", "7", "--batch-size", "16", "--lr", "3e-3"]
+        argv += ["--eval-ratio", "0.15", "--eval_strategy", "no", "--save_strategy", "steps", "--save_steps", "100"]
+        return parse_args([*argv, *DFLASH, *FAST, *extra])
+
+    checkpoint = tmp_path / "interrupted" / "checkpoint-4"
+    train(args(tmp_path / "straight"))
+    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(4)])
+    train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
+    straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
+    resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.allclose(load_file(checkpoint / "model.safetensors")["fc.weight"], straight["fc.weight"])
+
+
+class _Losses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def test_online_equals_offline_and_collection_takes_the_dflash_layers(trained_target, tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", synthetic_conversations(12, seed=11))
+    collect = ["--model", str(trained_target), "--dataset", str(chats), "--no-regenerate", "--quiet"]
+    collect_main([*collect, "--output-dir", str(tmp_path / "states"), "--hidden-dtype", "fp32", "--layers", "dflash:2"])
+    assert json.loads((tmp_path / "states" / "manifest.json").read_text())["layers"] == [1, 5]
+    common = ["--base-model", str(trained_target), "--max_steps", "4", "--batch-size", "4", "--lr", "3e-3", *DFLASH]
+    common += [*FAST, "--logging_steps", "1", "--eval-ratio", "0", "--save_strategy", "no"]
+
+    def run(*argv) -> list[float]:
+        losses = _Losses()
+        train(parse_args([*argv, *common]), callbacks=[losses])
+        return losses.losses
+
+    offline = run("--data-dir", str(tmp_path / "states"), "--output-dir", str(tmp_path / "offline"))
+    collect_main([*collect, "--output-dir", str(tmp_path / "ids"), "--no-states", "--layers", "dflash:2"])
+    online = run("--online", "--data-dir", str(tmp_path / "ids"), "--output-dir", str(tmp_path / "online"))
+    assert len(offline) == 4 and online == pytest.approx(offline, rel=1e-4)
+    config = json.loads((tmp_path / "online" / "best_model" / "config.json").read_text())
+    assert config["dflash_config"]["target_layer_ids"] == [1, 5]
+
+
+@pytest.mark.slow
+def test_two_process_zero3_run_saves_a_vllm_ready_draft(trained_target, tmp_path):
+    """ZeRO-3 partitions the draft and the frozen target embedding/head it holds; every rank must make
+    the same module calls whatever its anchors."""
+    output_dir = tmp_path / "out"
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file"]
+    command += [str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"), "--num_processes", "2"]
+    command += ["--main_process_port", str(29700 + os.getpid() % 1000), str(REPO / "run_train.py")]
+    command += ["--data-dir", str(cached_store(trained_target)), "--base-model", str(trained_target)]
+    command += ["--output-dir", str(output_dir), "--max_steps", "4", "--batch-size", "4", "--lr", "3e-3"]
+    command += ["--eval-ratio", "0.15", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps"]
+    command += ["--save_steps", "2", "--report_to", "none", "--disable_tqdm", "true", *DFLASH]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=500, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert check_draft(output_dir / "best_model", trained_target) == []
+    info = json.loads((output_dir / "best_model" / "eagle3_eval.json").read_text())
+    assert info["metrics"]["eval_accept_len"] >= 1.0 and f"eval_acc_{K - 1}" in info["metrics"]
+    state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert any(p.name.startswith("global_step") for p in (output_dir / "checkpoint-4").iterdir())
