@@ -43,7 +43,20 @@ METHODS: dict[str, list[str]] = {
     "eagle3.1+lk_lambda": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda"],
     # the published LK weighting exp(-3 * alpha) (eta = 3; ours defaults to eta = 1)
     "eagle3.1+lk_eta3": ["--draft-variant", "eagle3.1", "--loss", "lk_lambda", "--lk-eta", "3"],
+    # DFlash (arXiv 2602.06036): one non-causal pass drafts block_size - 1 tokens; the same store and
+    # budget. Block 4 is trained for k=3, block 6 for k=5 (a block is served with k = block - 1).
+    "dflash": ["--draft-type", "dflash", "--block-size", "4", "--num-draft-layers", "1"],
+    "dflash-b6": ["--draft-type", "dflash", "--block-size", "6", "--num-draft-layers", "1"],
 }
+# EAGLE-3's own budget flags (TTT unroll, reduced vocabulary): DFlash has neither.
+EAGLE3_BUDGET = ["--draft-vocab-size", "256", "--ttt-steps", "5"]
+
+
+def method_flags(method: str) -> list[str]:
+    flags = METHODS[method]
+    return flags if "dflash" in flags else [*EAGLE3_BUDGET, *flags]
+
+
 # How users serve Qwen3 above temperature 0 (its generation_config): T=0.6, top-p 0.95, top-k 20.
 QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 
@@ -78,7 +91,7 @@ def train(out: Path, target: Path, data: Path, method: str, seed: int, budget: l
     if info_file.exists():
         return json.loads(info_file.read_text())
     command = [sys.executable, "run_train.py", "--data-dir", str(data), "--output-dir", str(run_dir)]
-    command += ["--base-model", str(target), "--seed", str(seed), *budget, *METHODS[method]]
+    command += ["--base-model", str(target), "--seed", str(seed), *budget, *method_flags(method)]
     print(f"training {method} (seed {seed})", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds = run(command, run_dir / "train.log")
@@ -109,10 +122,10 @@ def time_methods(target: Path, data: Path, methods: list[str], repeats: int = 12
     parts = {}
     for method in methods:
         args = parse_args(
-            ["--data-dir", str(data), "--base-model", str(target), "--ttt-steps", "5", "--use_cpu", "true"]
-            + METHODS[method]  # parsed as run_train.py parses them (types, checks)
+            ["--data-dir", str(data), "--base-model", str(target), "--use_cpu", "true"]
+            + method_flags(method)  # parsed as run_train.py parses them (types, checks)
         )
-        draft_ids = torch.arange(256)
+        draft_ids = torch.arange(head.lm_head.shape[0] if args.draft_type == "dflash" else 256)
         draft = build_draft(args, check_data_against_target(args), head, draft_ids)
         optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-4)
         parts[method] = (draft, optimizer, TargetProjector(head, draft_ids))
@@ -138,6 +151,36 @@ def time_methods(target: Path, data: Path, methods: list[str], repeats: int = 12
             optimizer.zero_grad()
             times[method].append(time.perf_counter() - started)
     return {method: statistics.median(values[2:]) for method, values in times.items()}  # first two: warm-up
+
+
+def _layer_flops(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int, width: int | None = None) -> int:
+    """Multiply-adds x 2 of one decoder layer for one token (projections and MLP; attention scores
+    are left out: they depend on the context length and are the same order for both drafts)."""
+    width = width or hidden
+    return 2 * (width * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * inter)
+
+
+def draft_cost(config: dict, target: dict, k: int, acceptance_length: float) -> dict:
+    """What one speculation round costs, per proposed token, relative to one target token (FLOPs),
+    and how many sequential draft passes it needs (what decides latency on a GPU, where a forward
+    pass of a few tokens costs about as much as one). Shapes from the configs; a round re-reads the
+    ``acceptance_length`` tokens the target verified."""
+    h, heads, kv = target["hidden_size"], target["num_attention_heads"], target["num_key_value_heads"]
+    head_dim = target.get("head_dim") or h // heads
+    target_token = target["num_hidden_layers"] * _layer_flops(h, target["intermediate_size"], heads, kv, head_dim)
+    target_token += 2 * h * target["vocab_size"]
+    inter, layers = config["intermediate_size"], config["num_hidden_layers"]
+    if "dflash_config" in config:
+        n_aux = len(config["dflash_config"]["target_layer_ids"])
+        context = acceptance_length * (2 * n_aux * h * h + layers * 2 * 2 * kv * head_dim * h)
+        block = (k + 1) * layers * _layer_flops(h, inter, heads, kv, head_dim) + k * 2 * h * config["vocab_size"]
+        flops, passes = context + block, 1
+    else:
+        n_aux = len(config.get("eagle_aux_hidden_state_layer_ids") or [0, 0, 0])
+        step = _layer_flops(h, inter, heads, kv, head_dim, width=2 * h) + 2 * h * config["draft_vocab_size"]
+        step += (layers - 1) * _layer_flops(h, inter, heads, kv, head_dim)
+        flops, passes = acceptance_length * 2 * n_aux * h * h + k * step, k
+    return {"flops_per_proposed_token_vs_target": flops / k / target_token, "sequential_draft_passes": passes}
 
 
 def heldout_prompts(out: Path, target: Path, count: int) -> tuple[Path, list[list[int]]]:
@@ -233,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_methods_out")
     parser.add_argument(
         "--methods",
-        default="baseline,eagle3.1,eagle3.1+lk_lambda,eagle3.1+lk_eta3",
+        default="baseline,eagle3.1,eagle3.1+lk_lambda,dflash,dflash-b6",
         help=f"comma-separated, from {', '.join(METHODS)}",
     )
     parser.add_argument("--seeds", default="0,1")
@@ -259,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.data_dir) if args.data_dir else collect(out, target, args.conversations, args.collect_max_new_tokens)
     )
     # One budget for all (the tests' short training): same data, epochs, batch, lr, TTT steps.
-    budget = ["--epochs", args.epochs, "--batch-size", "8", "--lr", "3e-3", "--draft-vocab-size", "256"]
-    budget += ["--ttt-steps", "5", "--eval-ratio", "0.1", "--save_total_limit", "1", "--report_to", "none"]
+    budget = ["--epochs", args.epochs, "--batch-size", "8", "--lr", "3e-3"]
+    budget += ["--eval-ratio", "0.1", "--save_total_limit", "1", "--report_to", "none"]
     budget += ["--disable_tqdm", "true", "--dataloader_num_workers", "0"]
     # Seed-major order: a run cut short still has every method at the first seed.
     trained = {(m, s): train(out, target, data, m, s, budget) for s in seeds for m in methods}
@@ -309,9 +352,21 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {method} seed {seeds[0]}: hf AL k=3 {first['hf_k3']:.3f}, teacher-forced {first['teacher_forced_k3']:.3f}"
         )
+    target_config = json.loads((target / "config.json").read_text())
+    print("\ndraft cost per round at k=3 (FLOPs per proposed token / target FLOPs per token; sequential draft passes):")
+    costs = {}
+    for method in methods:
+        config = json.loads((drafts[f"{method}-seed{seeds[0]}"] / "config.json").read_text())
+        costs[method] = draft_cost(config, target_config, 3, rows[method][seeds[0]]["vllm_k3"])
+        print(
+            f"  {method:<22} {costs[method]['flops_per_proposed_token_vs_target']:.3f}  "
+            f"{costs[method]['sequential_draft_passes']} pass(es); tokens per target step {rows[method][seeds[0]]['vllm_k3']:.3f}"
+        )
     step_seconds = time_methods(target, data, methods)
     (out / "results.json").write_text(
-        json.dumps({"settings": vars(args), "rows": rows, "step_seconds": step_seconds}, indent=1)
+        json.dumps(
+            {"settings": vars(args), "rows": rows, "step_seconds": step_seconds, "draft_cost_k3": costs}, indent=1
+        )
     )
     print("\ntraining step time (median, methods interleaved, same batches):")
     for method, seconds in step_seconds.items():

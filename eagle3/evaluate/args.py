@@ -35,8 +35,13 @@ class EvalArgs:
             "choices": ["hf", "vllm"],
         },
     )
-    num_speculative_tokens: int = field(
-        default=3, metadata={"help": "Draft tokens proposed per target step (k).", "aliases": ["-k"]}
+    num_speculative_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draft tokens proposed per target step (k). Default: 3 for EAGLE-3, block_size - 1 for a DFlash "
+            "draft (the blocks it was trained on).",
+            "aliases": ["-k"],
+        },
     )
     temperature: float = field(
         default=0.0,
@@ -106,7 +111,7 @@ class EvalArgs:
                 raise ValueError(f"--{name} is required: {what}")
         if not self.dataset:
             raise ValueError("--dataset is required: JSONL/JSON file(s) of prompts or a Hugging Face dataset")
-        if self.num_speculative_tokens < 1:
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 1:
             raise ValueError(f"--num-speculative-tokens must be >= 1, got {self.num_speculative_tokens}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")

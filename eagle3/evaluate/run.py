@@ -234,6 +234,10 @@ def evaluate(args: EvalArgs) -> AcceptanceReport:
     from transformers import AutoTokenizer
 
     validate(args)
+    if args.num_speculative_tokens is None:  # what the draft is served with (eagle3.export.serving)
+        from eagle3.export.serving import speculative_config_of
+
+        args.num_speculative_tokens = speculative_config_of(args.draft)["num_speculative_tokens"]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = load_prompts(args, tokenizer)
     report = evaluate_hf(args, prompts) if args.backend == "hf" else evaluate_vllm(args, prompts)
