@@ -365,3 +365,16 @@ def test_two_process_zero3_run_saves_a_vllm_ready_draft(trained_target, tmp_path
     state = json.loads((output_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     assert any(p.name.startswith("global_step") for p in (output_dir / "checkpoint-4").iterdir())
+
+
+@pytest.mark.vllm
+def test_hf_and_vllm_agree_when_sampling(trained, trained_target):
+    """T=0.6 with Qwen3's top-p / top-k and probabilistic drafting: the answers are sampled, so the
+    two runs follow different texts and the tolerance is wider than at T=0."""
+    sampling = ["--temperature", "0.6", "--top-p", "0.95", "--top-k", "20", "--draft-sampling", "probabilistic"]
+    hf = _hf_eval(trained, trained_target, *sampling, "--no-baseline")
+    vllm = _hf_eval(trained, trained_target, *sampling, "--no-baseline", "--backend", "vllm")
+    print(f"DFlash T=0.6 acceptance length k={K}: hf {hf.acceptance_length:.3f}, vLLM {vllm.acceptance_length:.3f}")
+    assert hf.acceptance_length > 1.3, "too few accepted tokens for the comparison to mean anything"
+    assert abs(hf.acceptance_length - vllm.acceptance_length) / hf.acceptance_length < 0.2
+    assert abs(hf.per_position_acceptance[0] - vllm.per_position_acceptance[0]) < 0.15
