@@ -8,6 +8,7 @@
 
     python bench/bench_train.py --throughput --memory             # memory at T=2048 (--mem-seq-len)
     python bench/bench_train.py --memory-model   # eagle3.train.memory_model vs measured, 1.7B/4B drafts
+    python bench/bench_train.py --memory-model-dflash   # the same for a DFlash draft at Qwen3-1.7B's shape
 """
 
 from __future__ import annotations
@@ -282,6 +283,86 @@ def model_step(shape: str, length: int) -> dict:
     return {"measured_gib": round((peak.peak - base) / 2**30, 3)}
 
 
+# A DFlash draft at Qwen3-1.7B's shape: 2 layers (5 in the published drafts: the layers are a small
+# part of the peak, the blocks' full-vocabulary heads are most of it), blocks of 16, two anchor counts.
+DFLASH_CHECKS = ((512, 32), (512, 96))
+DFLASH_LAYERS = 2
+
+
+def dflash_estimate(length: int, anchors: int):
+    from eagle3.train.memory_model import estimate_dflash_peak_memory
+
+    return estimate_dflash_peak_memory(
+        **target_shape(QWEN3_SHAPES["qwen3-1.7b"]),
+        tokens_per_batch=length,
+        max_length=length,
+        num_anchors=anchors,
+        block_size=16,
+        num_aux=5,
+        num_draft_layers=DFLASH_LAYERS,
+        target_dtype_bytes=2,
+    )
+
+
+def dflash_model_step(length: int, anchors: int) -> dict:
+    """Measured peak of two DFlash training steps (every position an answer token, so every block
+    is drawn), above the resident memory before anything was built."""
+    from eagle3.dflash import DFlashQwen3Config
+    from eagle3.train.model import DFlashDraftForTraining
+
+    shape = QWEN3_SHAPES["qwen3-1.7b"]
+    target_config = Qwen3Config(**shape)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, shape["vocab_size"], (1, length), generator=g)
+    aux = torch.randn(1, length, 5 * shape["hidden_size"], generator=g).bfloat16()
+    last = torch.randn(1, length, shape["hidden_size"], generator=g).bfloat16()
+    mask = torch.ones(1, length, dtype=torch.bool)
+    gc.collect()
+    base = psutil.Process().memory_info().rss
+    config = DFlashQwen3Config.from_target_config(
+        target_config, [1, 7, 13, 19, 25], mask_token_id=151669, num_draft_layers=DFLASH_LAYERS, block_size=16
+    )
+    draft = DFlashDraftForTraining(config).float()
+    draft.num_anchors, draft.loss_decay, draft.loss_type, draft.lk_eta = anchors, 7.0, "soft_ce", 1.0
+    lm_head = torch.randn(shape["vocab_size"], shape["hidden_size"], generator=g).bfloat16()
+    draft.load_target_embeddings(lm_head, lm_head)
+    head = TargetHead(config=target_config, embed_tokens=None, norm=torch.ones(shape["hidden_size"]), lm_head=lm_head)
+    projector = TargetProjector(head, torch.arange(shape["vocab_size"]))
+    del head
+    gc.collect()
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
+    with PeakRSS() as peak:
+        for _ in range(2):
+            target = projector(last, mask, input_ids)
+            out = draft(input_ids, aux, target.probs, target.pred, target.valid, target.assistant, target.greedy)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del out, target
+    return {"measured_gib": round((peak.peak - base) / 2**30, 3)}
+
+
+def dflash_memory_model_check(args) -> dict:
+    results = {"measured_with": "process peak RSS above the pre-build baseline (psutil, 5 ms sampling)"}
+    for length, anchors in DFLASH_CHECKS:
+        child = subprocess.run(
+            [sys.executable, __file__, "--dflash-step", str(anchors), "--mem-seq-len", str(length)],
+            capture_output=True,
+            text=True,
+        )
+        estimate = dflash_estimate(length, anchors)
+        entry = {"seq_len": length, "anchors": anchors, "estimated_gib": round(estimate.total / 2**30, 3)}
+        if child.returncode != 0:
+            entry["failed"] = child.stderr[-500:]
+        else:
+            entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
+            entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
+            entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
+        results[f"dflash@{length}x{anchors}"] = entry
+        print(entry, flush=True)
+    return results
+
+
 def memory_model_check(args) -> dict:
     """Estimate vs measured peak at two model shapes, each measured in its own process."""
     results = {"measured_with": "process peak RSS above the pre-build baseline (psutil, 5 ms sampling)"}
@@ -317,12 +398,17 @@ def main() -> None:
     parser.add_argument("--memory-model", action="store_true", help="estimated vs measured peak at two shapes")
     parser.add_argument("--memory-kind", choices=MEMORY_KINDS, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--model-step", choices=list(MODEL_SHAPES), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--memory-model-dflash", action="store_true", help="the same for a DFlash draft")
+    parser.add_argument("--dflash-step", type=int, help=argparse.SUPPRESS)  # child process: anchors
     args = parser.parse_args()
     if args.memory_kind:
         print(json.dumps(memory_step(args.memory_kind, args.mem_seq_len)))
         return
     if args.model_step:
         print(json.dumps(model_step(args.model_step, args.mem_seq_len)))
+        return
+    if args.dflash_step:
+        print(json.dumps(dflash_model_step(args.mem_seq_len, args.dflash_step)))
         return
     results = {}
     if args.throughput:
@@ -334,6 +420,8 @@ def main() -> None:
     if args.memory_model:
         results["memory_model"] = memory_model_check(args)
         print(json.dumps(results["memory_model"], indent=1), flush=True)
+    if args.memory_model_dflash:
+        results["memory_model_dflash"] = dflash_memory_model_check(args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)
