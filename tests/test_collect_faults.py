@@ -290,3 +290,16 @@ def test_online_dataset_stopped_mid_epoch_leaves_no_capture_files(random_target,
         finally:
             dataset.close()
     assert not list(hidden.iterdir())
+
+
+# ---------------------------------------------------------------------- room for the captures in flight
+def test_captures_in_flight_are_sized_and_a_small_directory_is_named(tmp_path):
+    """Qwen3-1.7B (4 captured states, H=2048), 16 in flight on 2 servers, 2048 tokens: 2 GiB at most;
+    a directory without that much room is named with what to change (a directory still to be
+    created is judged by its parent)."""
+    from eagle3.collect.vllm_client import capture_bytes_in_flight, space_note
+
+    assert capture_bytes_in_flight(16, 2, 2048, 4, 2048) == 2 * 2**30
+    assert space_note(str(tmp_path / "not-yet" / "created"), 1024) is None
+    note = space_note(str(tmp_path), 1 << 60)
+    assert note is not None and f"--hidden-states-dir {tmp_path} has" in note and "/dev/shm" in note

@@ -595,7 +595,8 @@ def test_generation_server_killed_mid_run_the_others_finish(
     client = _start_client(argv, tmp_path / "c.log")
     try:
         deadline = time.time() + 300
-        while _metric(victim["url"], "vllm:request_success_total") < done_before + 3:  # probe + real work
+        # the start-up probe and the first answer: most of its share (16 requests over two) is still to come
+        while _metric(victim["url"], "vllm:request_success_total") < done_before + 2:
             assert client.poll() is None and time.time() < deadline, (tmp_path / "c.log").read_text()[-3000:]
             time.sleep(0.1)
         os.killpg(victim["process"].pid, signal.SIGKILL)

@@ -24,18 +24,20 @@ for a batch of token ids: online training from servers (eagle3.train.server_stat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import glob
 import hashlib
 import os
 import shlex
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -55,6 +57,7 @@ from eagle3.data.template import ChatRenderer
 # run where only the server's files are visible, without vLLM installed).
 CONNECTOR_MODULE = "eagle3.collect.vllm_connector"
 CONNECTOR_CLASS = "Eagle3HiddenStatesConnector"
+T = TypeVar("T")
 SKIP_SAVE = "eagle3_skip_save"  # kv_transfer_params flag: the connector saves nothing for this request
 
 
@@ -189,6 +192,32 @@ def client_tag(output_dir: str | os.PathLike, rank: int) -> str:
     return f"eagle3-{digest}-r{rank:02d}-"
 
 
+def capture_bytes_in_flight(
+    concurrent_requests: int, servers: int, max_length: int, num_ids: int, hidden_size: int, element_size: int = 2
+) -> int:
+    """Most bytes of capture files this client can have waiting in --hidden-states-dir: one file of up
+    to --max-length tokens x captured states x hidden size (the server's dtype, bf16: 2 bytes) per
+    conversation of its window (2 x --concurrent-requests x servers, see ``VllmBackend.samples``)."""
+    return 2 * concurrent_requests * servers * max_length * num_ids * hidden_size * element_size
+
+
+def space_note(hidden_states_dir: str, needed: int) -> str | None:
+    """A warning when --hidden-states-dir has less free space than ``needed`` (None: it fits)."""
+    path = Path(hidden_states_dir)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    free = stats.f_bavail * stats.f_frsize
+    if free >= needed:
+        return None
+    return (
+        f"--hidden-states-dir {hidden_states_dir} has {free / 2**30:.1f} GiB free, but the capture files of the "
+        f"conversations in flight may take up to {needed / 2**30:.1f} GiB (every one --max-length tokens long): a "
+        "full disk loses captures (each is retried). Free space there, point it elsewhere (/dev/shm when it is "
+        "large enough: the files live a few seconds) or lower --concurrent-requests."
+    )
+
+
 def remove_orphans(hidden_states_dir: str, tag: str) -> int:
     """Delete this client's files left by an earlier run (killed between the server's write and
     our read, or requests abandoned when a server went down); returns how many."""
@@ -210,7 +239,8 @@ class _LockTimeout(Exception):
     """The capture file stayed locked by its writer past the wait (a frozen server, a stalled filesystem)."""
 
 
-LOCK_POLL_SECONDS = (0.005, 0.2)  # first and longest sleep between tries of the capture file's lock
+LOCK_POLL_SECONDS = (0.002, 0.02)  # first and longest sleep between tries of the capture file's lock: a
+# file written while we wait is read within 20 ms (a 200 ms cap made a capture of a few ms wait up to 0.2 s)
 
 
 def _lock_shared(lock, timeout: float) -> None:
@@ -280,6 +310,17 @@ class _Captured:
     server: Server | None = None  # the server that wrote the file
 
 
+# Conversations after the next one in order whose capture files are read ahead: their states wait in
+# memory (at most this many samples), the rest of the window waits as file paths.
+READ_AHEAD = 4
+
+
+@dataclass
+class _InFlight:
+    captured: concurrent.futures.Future  # of _process: the _Captured (None: nothing to store)
+    sample: concurrent.futures.Future | None = None  # of _sample_after, once within READ_AHEAD of the head
+
+
 class VllmBackend:
     def __init__(
         self,
@@ -304,6 +345,13 @@ class VllmBackend:
         )
         self.tag = client_tag(args.output_dir, rank)
         self.orphans_removed = remove_orphans(args.hidden_states_dir, self.tag)
+        if args.server_url and args.hidden_dtype != "none":
+            servers = len(args.server_url) + len(args.generate_url)  # both set the window, see samples()
+            needed = capture_bytes_in_flight(
+                args.concurrent_requests, servers, args.max_length, len(self.capture_ids), hidden_size
+            )
+            if (note := space_note(args.hidden_states_dir, needed)) is not None:
+                tqdm.write(f"run_collect.py: warning: {note}", file=sys.stderr)
         # The extraction servers capture (and regenerate, without --generate-url); None: --no-states
         # on --generate-url servers alone.
         self.pool: ServerPool | None = None
@@ -315,14 +363,43 @@ class VllmBackend:
             hint = f"start one with (see also --print-server-command generate):\n  {plain}"
             check = GenerationCheck(args.generate_model or args.model, renderer, args.max_length, hint)
             self.generators = self._new_pool(args.generate_url, check, hint, kind="generation server")
+        # The requests run on an event loop of their own thread, so that they keep flowing while the
+        # caller stores a sample (encoding, shard writes and their checksums take seconds at real
+        # widths: with the loop in the caller's thread every server went idle meanwhile).
         self.loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task] = set()  # this client's conversations in flight (cancelled at the end)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="eagle3-vllm-client", daemon=True)
+        self._thread.start()
         try:
             # generation servers first: their check is cheap, the extraction servers' one captures
             for pool in self._pools():
-                self.loop.run_until_complete(pool.start())
+                self.run(pool.start())
         except BaseException:
             self.close()
             raise
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        """Run ``coroutine`` on the client's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on the client's loop as a task it can cancel (see ``_cancel_tasks``)."""
+
+        async def tracked() -> T:
+            task = asyncio.current_task()
+            self._tasks.add(task)
+            try:
+                return await coroutine
+            finally:
+                self._tasks.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _new_pool(self, urls: list[str], check, hint: str, kind: str = "vLLM server") -> ServerPool:
         args = self.args
@@ -587,44 +664,50 @@ class VllmBackend:
         async def every() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch))))
 
-        return self.loop.run_until_complete(every())
+        return self.run(every())
 
     # ------------------------------------------------------------------ the backend interface
     def samples(self, conversations: list[Conversation]) -> Iterator[Sample | None]:
         """Samples in input order, with up to 2 x (slots of all servers) conversations in flight.
 
-        Finished conversations wait for their turn as a file path, not in memory. When no server
-        is left (or a request fails for good), the finished ones are still yielded (in order) before
-        the error (``NoServerLive``, or the one naming the request)."""
+        Finished conversations wait for their turn as a file path, not in memory, except the next
+        ``READ_AHEAD`` in order, whose files are read (and split) while the caller stores the ones
+        before them. When no server is left (or a request fails for good), the finished ones are
+        still yielded (in order) before the error (``NoServerLive``, or the one naming the request)."""
         window = 2 * self.args.concurrent_requests * sum(len(pool.servers) for pool in self._pools())
-        pending: deque[asyncio.Task] = deque()
+        pending: deque[_InFlight] = deque()
         remaining = iter(conversations)
         try:
             while True:
                 while len(pending) < window and (conversation := next(remaining, None)) is not None:
-                    pending.append(self.loop.create_task(self._process(conversation)))
+                    pending.append(_InFlight(self._submit(self._process(conversation))))
                 if not pending:
                     return
+                for item in list(pending)[:READ_AHEAD]:
+                    if item.sample is None:
+                        item.sample = self._submit(self._sample_after(item.captured))
                 try:
-                    captured = self.loop.run_until_complete(pending.popleft())
-                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
+                    yield pending.popleft().sample.result()
                 except ServerError:  # no server left, or a request no server answers: the run stops
                     yield from self._finished(pending)  # after storing what is finished
                     raise
         finally:
-            for task in pending:
-                task.cancel()
             if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.run(self._cancel_tasks())
 
-    def _finished(self, pending: deque[asyncio.Task]) -> Iterator[Sample | None]:
-        for task in pending:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                captured = task.result()
-                try:
-                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except ServerError:
-                    continue  # e.g. its file was lost with the last server: the rerun collects it
+    async def _sample_after(self, captured: concurrent.futures.Future[_Captured | None]) -> Sample | None:
+        done = await asyncio.wrap_future(captured)
+        return None if done is None else await self._to_sample(done)
+
+    def _finished(self, pending: deque[_InFlight]) -> Iterator[Sample | None]:
+        for item in pending:
+            future = item.captured
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                continue
+            try:
+                yield (item.sample or self._submit(self._sample_after(future))).result()
+            except ServerError:
+                continue  # e.g. its file was lost with the last server: the rerun collects it
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -643,7 +726,9 @@ class VllmBackend:
     def close(self) -> None:
         if hasattr(self, "loop") and not self.loop.is_closed():
             for pool in self._pools():
-                self.loop.run_until_complete(pool.close())
+                self.run(pool.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
             self.loop.close()
         # Files of requests abandoned in flight (a server went down, Ctrl-C): ours alone, by tag.
         remove_orphans(self.args.hidden_states_dir, self.tag)
