@@ -17,7 +17,9 @@ decoder layer before the final norm, the target distribution's input), so the se
 started with ids sorted(set(vllm ids of --layers) | {L}) and we split them again here.
 The client reads the files the server writes: both must share a filesystem.
 
-With ``--no-states`` only step 1 runs (ids and masks are stored). ``states_for`` is step 2 alone,
+With ``--generate-url`` step 1 goes to plain OpenAI-compatible servers of the target
+(``eagle3.collect.generation_servers``: their own pool, start-up check and failover) and the
+extraction servers only capture. With ``--no-states`` only step 1 runs (ids and masks are stored). ``states_for`` is step 2 alone,
 for a batch of token ids: online training from servers (eagle3.train.server_states) uses it.
 """
 
@@ -166,8 +168,6 @@ def generate_command_for(args: CollectArgs, port: int | None = None) -> list[str
 def printed_server_commands(args: CollectArgs) -> str:
     """What ``--print-server-command`` prints: one command as one line (``SERVE=$(...)`` scripts eval
     it), or both, each under a ``#`` line naming it, the generation server on --port + 1."""
-    import shlex
-
     which = args.print_server_command
     if which == "auto":
         which = "both" if args.generate_url else "extract"
@@ -310,8 +310,9 @@ class _Captured:
     server: Server | None = None  # the server that wrote the file
 
 
-# Conversations after the next one in order whose capture files are read ahead: their states wait in
-# memory (at most this many samples), the rest of the window waits as file paths.
+# The next conversations in output order (the head included) whose capture files are read ahead while
+# the caller stores earlier ones: their states wait in memory (at most this many samples), the rest of
+# the window waits as file paths.
 READ_AHEAD = 4
 
 
