@@ -287,6 +287,18 @@ def test_flags_of_their_own_mode_are_accepted():
     assert budget.train_sampling_strategy == "group_by_length"
 
 
+def test_online_training_regenerates_on_generate_url_servers_only_from_chat_data(capsys):
+    """run_train.py --online --dataset --server-url: --generate-url (repeatable, comma-separated) hands
+    the regeneration to plain servers; with a --data-dir store (nothing to regenerate) it is refused."""
+    chats = ["--online", "--dataset", "c.jsonl", "--model", "m", "--server-url", "http://e:1", "--report_to", "none"]
+    args = parse_train([*chats, "--generate-url", "http://a:1,http://b:1", "--generate-url", "http://c:1"])
+    assert args.generate_url == ["http://a:1", "http://b:1", "http://c:1"]
+    assert parse_train(chats).generate_url is None
+    stored = ["--online", "--data-dir", "d", "--server-url", "http://e:1", "--report_to", "none"]
+    err = exit_message(parse_train, [*stored, "--generate-url", "http://a:1"], capsys)
+    assert "--generate-url is read by --online --dataset --server-url" in err
+
+
 @pytest.mark.parametrize(
     "flags",
     [

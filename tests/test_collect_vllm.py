@@ -175,7 +175,9 @@ def test_vllm_and_hf_render_the_same_samples(trained_target, server, chats, tmp_
         _assert_bf16_close(vllm_store[i].aux_hidden_states, hf_store[i].aux_hidden_states)
 
 
-def test_online_training_from_the_server_gets_the_samples_collection_stores(trained_target, server, chats, tmp_path):
+def test_online_training_from_the_server_gets_the_samples_collection_stores(
+    trained_target, server, generation_servers, chats, tmp_path
+):
     """run_train.py --online --server-url: an ids-only store the server regenerated (--no-states), then
     the states streamed from the server per batch are those collect-then-train reads from disk."""
     from eagle3.train.cli import main as train_main
@@ -236,11 +238,21 @@ def test_online_training_from_the_server_gets_the_samples_collection_stores(trai
     # Straight from chat data: the server also regenerates (ids + masks under OUTPUT_DIR/online_data).
     train(
         "from-chats", "--online", "--dataset", chats, "--model", trained_target, "--server-url", server["url"],
-        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS,
+        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS, "--max-new-tokens", "16",
     )  # fmt: skip
     regenerated = HiddenStateStore(tmp_path / "from-chats" / "online_data")
     assert regenerated.manifest["hidden_dtype"] == "none" and regenerated.manifest["settings"]["backend"] == "vllm"
     assert len(regenerated) == 4 and (tmp_path / "from-chats" / "best_model" / "model.safetensors").exists()
+
+    # The same with the regeneration on a plain server (--generate-url): the same ids and masks.
+    train(
+        "from-chats-plain", "--online", "--dataset", chats, "--model", trained_target, "--server-url", server["url"],
+        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS, "--max-new-tokens", "16",
+        "--generate-url", generation_servers[0]["url"],
+    )  # fmt: skip
+    plain = HiddenStateStore(tmp_path / "from-chats-plain" / "online_data")
+    assert len(plain) == 4 and all(torch.equal(plain[i].input_ids, regenerated[i].input_ids) for i in range(4))
+    assert all(torch.equal(plain[i].loss_mask, regenerated[i].loss_mask) for i in range(4))
 
 
 def test_server_checks_catch_wrong_layers_and_model(trained_target, random_target, server, chats, tmp_path):
