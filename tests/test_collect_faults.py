@@ -303,3 +303,51 @@ def test_captures_in_flight_are_sized_and_a_small_directory_is_named(tmp_path):
     assert space_note(str(tmp_path / "not-yet" / "created"), 1024) is None
     note = space_note(str(tmp_path), 1 << 60)
     assert note is not None and f"--hidden-states-dir {tmp_path} has" in note and "/dev/shm" in note
+
+
+# ---------------------------------------------------------------------- a generation server that is not vLLM
+def _openai_style(count_offset: int = 0):
+    """A hook that answers as an OpenAI-compatible server without vLLM's extensions would: no /tokenize
+    (the fake has none: 404), text answers without token ids, and the prompt-token count in ``usage``
+    (off by ``count_offset``: another tokenizer)."""
+
+    async def hook(server: FakeVllm, payload: dict):
+        from aiohttp import web
+        from transformers import AutoTokenizer
+
+        prompt = payload["prompt"]
+        if isinstance(prompt, str):  # the start-up check's probe text
+            count = len(AutoTokenizer.from_pretrained(server.model)(prompt, add_special_tokens=False)["input_ids"])
+            usage = {"prompt_tokens": count + count_offset, "completion_tokens": 1}
+            return web.json_response({"choices": [{"text": "x", "finish_reason": "length"}], "usage": usage})
+        choice = {"text": "Nine.", "finish_reason": "stop"}
+        return web.json_response({"choices": [choice], "usage": {"prompt_tokens": len(prompt), "completion_tokens": 3}})
+
+    return hook
+
+
+def test_a_generation_server_without_vllm_extensions_is_checked_by_its_prompt_count(random_target, chats, tmp_path):
+    """Without /tokenize the tokenizer check falls back to the prompt-token count the server reports
+    (another count is refused before any work); text answers are tokenised again, with the end of turn."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    base = ["--model", random_target, "--dataset", chats, "--backend", "vllm", "--no-states", "--quiet",
+            "--max-retries", "0", "--enable-thinking", "false"]  # fmt: skip
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_openai_style(count_offset=3)) as other:
+        refused = _run(*base, "--output-dir", tmp_path / "refused", "--generate-url", other.url)
+    assert (
+        refused.returncode == 2 and f"generation server {other.url} does not use --model's tokenizer" in refused.stderr
+    )
+    assert "prompt tokens, ours" in refused.stderr and not list((tmp_path / "refused").glob("shard-*"))
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_openai_style()) as plain:
+        result = _run(*base, "--output-dir", tmp_path / "out", "--generate-url", plain.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = HiddenStateStore(tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(random_target)
+    answer = tokenizer("Nine.", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert len(store) == 6
+    for i in range(6):
+        ids, mask = store[i].input_ids.tolist(), store[i].loss_mask.tolist()
+        assert [t for t, m in zip(ids, mask, strict=True) if m][-len(answer) :] == answer
