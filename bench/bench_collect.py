@@ -151,7 +151,8 @@ def vllm_vs_vllm(
     """Per concurrency, the median over ``repeats`` rounds of ``_one_round`` (see the module docstring)."""
     from eagle3.collect.args import parse_args
     from eagle3.collect.loop import resolve_layers
-    from eagle3.collect.vllm_client import VllmBackend, generate_command_for, server_command_for
+    from eagle3.collect.server_commands import generate_command_for, server_command_for
+    from eagle3.collect.vllm_client import VllmBackend
     from eagle3.testing import free_port, vllm_server
 
     config = load_target_config(model)

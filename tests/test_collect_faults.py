@@ -88,7 +88,7 @@ async def _freeze_after_probe(server: FakeVllm, payload: dict) -> None:
 
 # ---------------------------------------------------------------------- the capture file's lock
 def test_a_lock_held_forever_is_given_up_after_the_timeout(tmp_path):
-    from eagle3.collect.vllm_client import _LockTimeout, _read_hidden_states
+    from eagle3.collect.capture_files import LockTimeout, read_hidden_states
 
     path = tmp_path / "cmpl-x.safetensors"
     path.write_bytes(b"")
@@ -96,8 +96,8 @@ def test_a_lock_held_forever_is_given_up_after_the_timeout(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        with pytest.raises(_LockTimeout, match="still locked by its writer after 0.5 s"):
-            _read_hidden_states(str(path), 0.5)
+        with pytest.raises(LockTimeout, match="still locked by its writer after 0.5 s"):
+            read_hidden_states(str(path), 0.5)
         assert 0.5 <= time.monotonic() - started < 5
     finally:
         holder.kill()
@@ -297,7 +297,7 @@ def test_captures_in_flight_are_sized_and_a_small_directory_is_named(tmp_path):
     """Qwen3-1.7B (4 captured states, H=2048), 16 in flight on 2 servers, 2048 tokens: 2 GiB at most;
     a directory without that much room is named with what to change (a directory still to be
     created is judged by its parent)."""
-    from eagle3.collect.vllm_client import capture_bytes_in_flight, space_note
+    from eagle3.collect.capture_files import capture_bytes_in_flight, space_note
 
     assert capture_bytes_in_flight(16, 2, 2048, 4, 2048) == 2 * 2**30
     assert space_note(str(tmp_path / "not-yet" / "created"), 1024) is None

@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eagle3.collect.capture_files import client_tag
 from eagle3.collect.cli import main
-from eagle3.collect.vllm_client import client_tag
 from eagle3.data.store import HiddenStateStore
 from eagle3.testing import free_port, synthetic_conversations, vllm_server, write_jsonl
 from tests.fault_proxy import FaultProxy

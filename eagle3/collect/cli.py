@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
         if args.print_server_command:
-            from eagle3.collect.vllm_client import printed_server_commands
+            from eagle3.collect.server_commands import printed_server_commands
 
             print(printed_server_commands(args))
             return

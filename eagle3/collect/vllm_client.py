@@ -1,8 +1,9 @@
 """vLLM backend: an aiohttp client against one or more vLLM servers.
 
 Each server runs the target with vLLM's ``extract_hidden_states`` speculative method and our
-hidden-states connector (``eagle3.collect.vllm_connector``); ``server_command`` builds the
-exact command. Per conversation:
+hidden-states connector (``eagle3.collect.vllm_connector``); ``eagle3.collect.server_commands``
+builds the exact command, ``eagle3.collect.capture_files`` reads the files it writes.
+Per conversation:
 
 1. regeneration: ``POST /v1/completions`` with the prompt as TOKEN IDS rendered by our own
    ``ChatRenderer`` (the same ids the hf backend feeds ``generate``, so both backends see the
@@ -19,281 +20,46 @@ The client reads the files the server writes: both must share a filesystem.
 
 With ``--generate-url`` step 1 goes to plain OpenAI-compatible servers of the target
 (``eagle3.collect.generation_servers``: their own pool, start-up check and failover) and the
-extraction servers only capture. With ``--no-states`` only step 1 runs (ids and masks are stored). ``states_for`` is step 2 alone,
-for a batch of token ids: online training from servers (eagle3.train.server_states) uses it.
+extraction servers only capture. With ``--no-states`` only step 1 runs (ids and masks are stored).
+``states_for`` is step 2 alone, for a batch of token ids: online training from servers
+(eagle3.train.server_states) uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import fcntl
-import glob
-import hashlib
-import os
 import shlex
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
+from eagle3.collect.capture_files import (
+    LockTimeout,
+    LostFile,
+    capture_bytes_in_flight,
+    client_tag,
+    read_hidden_states,
+    remove_orphans,
+    space_note,
+)
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
-from eagle3.collect.generation_servers import GenerationCheck, launcher, plain_server_command
+from eagle3.collect.generation_servers import GenerationCheck
+from eagle3.collect.server_commands import SKIP_SAVE, capture_layer_ids, generate_command_for, server_command
 from eagle3.collect.server_pool import RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
 
-# Loaded inside the server by module path (this module must not import vLLM: the client may
-# run where only the server's files are visible, without vLLM installed).
-CONNECTOR_MODULE = "eagle3.collect.vllm_connector"
-CONNECTOR_CLASS = "Eagle3HiddenStatesConnector"
 T = TypeVar("T")
-SKIP_SAVE = "eagle3_skip_save"  # kv_transfer_params flag: the connector saves nothing for this request
-
-
-def capture_layer_ids(layers: list[int], num_layers: int) -> list[int]:
-    """vLLM ids the server must capture: the aux layers plus L (the last hidden state)."""
-    return sorted(set(to_vllm_layer_ids(layers)) | {num_layers})
-
-
-def server_command(
-    model: str,
-    layer_ids: list[int],
-    storage_path: str,
-    port: int = 8000,
-    host: str | None = None,
-    extra_args: str = "",
-    max_model_len: int | None = None,
-    hybrid: bool = False,
-) -> list[str]:
-    """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags,
-    a ``--max-model-len`` there wins over ``max_model_len``).
-
-    ``hybrid`` (Qwen3-Next / Qwen3.5: linear-attention layers): vLLM 0.32 turns prefix caching on
-    for these in its "align" mode, which requires chunked prefill (and a Triton kernel); captures
-    need neither (each request is prefilled whole, once), so prefix caching is switched off."""
-    import json
-    import shlex
-
-    speculative = {
-        "method": "extract_hidden_states",
-        "num_speculative_tokens": 1,
-        "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": layer_ids}},
-    }
-    transfer = {
-        "kv_connector": CONNECTOR_CLASS,
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": "kv_producer",
-        "kv_connector_extra_config": {"shared_storage_path": storage_path},
-    }
-    extra = shlex.split(extra_args)
-    command = launcher(model) + ["--port", str(port)]
-    if host:
-        command += ["--host", host]
-    if max_model_len is not None and not any(a.split("=")[0] == "--max-model-len" for a in extra):
-        command += ["--max-model-len", str(max_model_len)]
-    if hybrid:
-        command.append("--no-enable-prefix-caching")
-    return command + [
-        "--no-enable-chunked-prefill",
-        "--speculative-config",
-        json.dumps(speculative, separators=(",", ":")),
-        "--kv-transfer-config",
-        json.dumps(transfer, separators=(",", ":")),
-        *extra,
-    ]
-
-
-def served_max_length(max_length: int, config) -> int:
-    """--max-length capped so that a capture (max_length + 1 tokens) fits the target's positions,
-    which is the most a vLLM server serves: the printed server and the client then agree."""
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and max_length + 1 > positions:
-        print(
-            f"run_collect.py: --max-length {max_length} capped at {positions - 1}: the target has "
-            f"{positions} positions and a capture needs max_length + 1 of them.",
-            file=sys.stderr,
-        )
-        return positions - 1
-    return max_length
-
-
-def server_command_for(args: CollectArgs, port: int | None = None) -> list[str]:
-    """The extraction server's command (``--print-server-command``)."""
-    from eagle3.collect.loop import resolve_layers
-    from eagle3.target import load_target_config, target_family
-
-    config = load_target_config(args.model)
-    layers = resolve_layers(args, config.num_hidden_layers)
-    ids = capture_layer_ids(layers, config.num_hidden_layers)
-    return server_command(
-        args.model,
-        ids,
-        args.hidden_states_dir,
-        port=args.port if port is None else port,
-        host=args.host,
-        extra_args=args.server_args,
-        max_model_len=served_max_length(args.max_length, config) + 1,
-        hybrid=target_family(config).hybrid,
-    )
-
-
-def generate_command_for(args: CollectArgs, port: int | None = None) -> list[str]:
-    """A plain generation server's command (``--print-server-command generate``): room for
-    --max-length tokens (as capped for the extraction server, so the two always agree)."""
-    from eagle3.target import load_target_config
-
-    return plain_server_command(
-        args.model,
-        port=args.port if port is None else port,
-        host=args.host,
-        extra_args=args.server_args,
-        max_model_len=served_max_length(args.max_length, load_target_config(args.model)),
-        served_name=args.generate_model,
-    )
-
-
-def printed_server_commands(args: CollectArgs) -> str:
-    """What ``--print-server-command`` prints: one command as one line (``SERVE=$(...)`` scripts eval
-    it), or both, each under a ``#`` line naming it, the generation server on --port + 1."""
-    which = args.print_server_command
-    if which == "auto":
-        which = "both" if args.generate_url else "extract"
-    if which == "extract":
-        return shlex.join(server_command_for(args))
-    if which == "generate":
-        return shlex.join(generate_command_for(args))
-    return (
-        f"# extraction server (capture: --server-url http://HOST:{args.port})\n"
-        f"{shlex.join(server_command_for(args))}\n"
-        f"# generation server (regeneration: --generate-url http://HOST:{args.port + 1})\n"
-        f"{shlex.join(generate_command_for(args, port=args.port + 1))}"
-    )
-
-
-# ---------------------------------------------------------------------- connector files
-def client_tag(output_dir: str | os.PathLike, rank: int) -> str:
-    """Prefix of this client's request ids, hence of the connector's file names (``cmpl-<id>-<random>``):
-    one per output directory and rank, so a client removes its own orphans and never the files of
-    another client sharing ``--hidden-states-dir`` (another rank, another output directory)."""
-    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
-    return f"eagle3-{digest}-r{rank:02d}-"
-
-
-def capture_bytes_in_flight(
-    concurrent_requests: int, servers: int, max_length: int, num_ids: int, hidden_size: int, element_size: int = 2
-) -> int:
-    """Most bytes of capture files this client can have waiting in --hidden-states-dir: one file of up
-    to --max-length tokens x captured states x hidden size (the server's dtype, bf16: 2 bytes) per
-    conversation of its window (2 x --concurrent-requests x servers, see ``VllmBackend.samples``)."""
-    return 2 * concurrent_requests * servers * max_length * num_ids * hidden_size * element_size
-
-
-def space_note(hidden_states_dir: str, needed: int) -> str | None:
-    """A warning when --hidden-states-dir has less free space than ``needed`` (None: it fits)."""
-    path = Path(hidden_states_dir)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    stats = os.statvfs(path)
-    free = stats.f_bavail * stats.f_frsize
-    if free >= needed:
-        return None
-    return (
-        f"--hidden-states-dir {hidden_states_dir} has {free / 2**30:.1f} GiB free, but the capture files of the "
-        f"conversations in flight may take up to {needed / 2**30:.1f} GiB (every one --max-length tokens long): a "
-        "full disk loses captures (each is retried). Free space there, point it elsewhere (/dev/shm when it is "
-        "large enough: the files live a few seconds) or lower --concurrent-requests."
-    )
-
-
-def remove_orphans(hidden_states_dir: str, tag: str) -> int:
-    """Delete this client's files left by an earlier run (killed between the server's write and
-    our read, or requests abandoned when a server went down); returns how many."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(hidden_states_dir), f"*{tag}*.safetensors*")):
-        try:
-            os.remove(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-class _LostFile(Exception):
-    """The server answered but its file is missing or incomplete (it died while writing)."""
-
-
-class _LockTimeout(Exception):
-    """The capture file stayed locked by its writer past the wait (a frozen server, a stalled filesystem)."""
-
-
-LOCK_POLL_SECONDS = (0.002, 0.02)  # first and longest sleep between tries of the capture file's lock: a
-# file written while we wait is read within 20 ms (a 200 ms cap made a capture of a few ms wait up to 0.2 s)
-
-
-def _lock_shared(lock, timeout: float) -> None:
-    """Shared flock on ``lock``, waiting at most ``timeout`` seconds. A blocking flock in a thread
-    could never be given up: a frozen writer would hang the run past --request-timeout."""
-    deadline = time.monotonic() + timeout
-    pause = LOCK_POLL_SECONDS[0]
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _LockTimeout(f"{lock.name} was still locked by its writer after {timeout:g} s") from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, LOCK_POLL_SECONDS[1])
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _read_hidden_states(path: str, lock_timeout: float) -> dict[str, torch.Tensor]:
-    """Read a connector file once its writer released the lock (``_LockTimeout`` after
-    ``lock_timeout`` seconds), then delete both files."""
-    lock_path = path + ".lock"
-    if not os.path.exists(path) and not os.path.exists(lock_path):
-        raise ServerError(
-            f"the server wrote {path}, which is not visible on this machine: run_collect.py and the "
-            "vLLM server must share a filesystem (see --hidden-states-dir)."
-        )
-    try:
-        if os.path.exists(lock_path):
-            with open(lock_path) as lock:
-                _lock_shared(lock, lock_timeout)  # until the writer thread is done (or died)
-                data = load_file(path)
-            os.remove(lock_path)
-        else:
-            data = load_file(path)
-    except (FileNotFoundError, SafetensorError) as error:
-        _remove(path, lock_path)
-        raise _LostFile(f"{path}: {error}") from None
-    except _LockTimeout:
-        # Given up: a writer that wakes up later leaves a file that close() removes (by tag).
-        _remove(path, lock_path)
-        raise
-    os.remove(path)
-    return data
 
 
 def _capture_name(key: int | str) -> str:
@@ -464,8 +230,8 @@ class VllmBackend:
                 f"{self._command_hint()}"
             )
         try:
-            states = (await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout))["hidden_states"]
-        except (_LostFile, _LockTimeout) as error:  # like an unanswered request: probed again later
+            states = (await asyncio.to_thread(read_hidden_states, path, self.args.request_timeout))["hidden_states"]
+        except (LostFile, LockTimeout) as error:  # like an unanswered request: probed again later
             raise TimeoutError(f"probe capture lost ({error})") from None
         expected = (len(ids), len(self.capture_ids), self.hidden_size)
         if tuple(states.shape) != expected:
@@ -617,11 +383,11 @@ class VllmBackend:
         failed_on: set[Server] = set()
         for _ in range(3):
             try:
-                data = await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout)
-            except _LostFile:
+                data = await asyncio.to_thread(read_hidden_states, path, self.args.request_timeout)
+            except LostFile:
                 path, server = await self._capture(key, ids, None)
                 continue
-            except _LockTimeout as error:
+            except LockTimeout as error:
                 await self._locked_out(server, key, str(error), failed_on)
                 path, server = await self._capture(key, ids, None, failed_on)
                 continue
