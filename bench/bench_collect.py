@@ -23,7 +23,7 @@
     python bench/bench_collect.py [--model PATH] [--hidden-size 512] [--samples 64] [--batch-size 8]
     python bench/bench_collect.py --vllm [--widths tiny,1.7b] [--hidden-size 512] [--samples 64] \
         [--concurrency 16] [--max-new-tokens 16] [--repeats 3] [--server-args=--enforce-eager]
-    make bench-collect-vllm   # the documented run: both widths, median of 3 (~30-40 min on 2 CPU cores)
+    make bench-collect-vllm   # both widths, median of 3; BENCH_ARGS="--depth-1.7b 8" as measured in docs/COLLECT.md
 """
 
 from __future__ import annotations
