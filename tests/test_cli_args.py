@@ -287,11 +287,24 @@ def test_flags_of_their_own_mode_are_accepted():
     assert budget.train_sampling_strategy == "group_by_length"
 
 
+def test_online_training_regenerates_on_generate_url_servers_only_from_chat_data(capsys):
+    """run_train.py --online --dataset --server-url: --generate-url (repeatable, comma-separated) hands
+    the regeneration to plain servers; with a --data-dir store (nothing to regenerate) it is refused."""
+    chats = ["--online", "--dataset", "c.jsonl", "--model", "m", "--server-url", "http://e:1", "--report_to", "none"]
+    args = parse_train([*chats, "--generate-url", "http://a:1,http://b:1", "--generate-url", "http://c:1"])
+    assert args.generate_url == ["http://a:1", "http://b:1", "http://c:1"]
+    assert parse_train(chats).generate_url is None
+    stored = ["--online", "--data-dir", "d", "--server-url", "http://e:1", "--report_to", "none"]
+    err = exit_message(parse_train, [*stored, "--generate-url", "http://a:1"], capsys)
+    assert "--generate-url is read by --online --dataset --server-url" in err
+
+
 @pytest.mark.parametrize(
     "flags",
     [
         ["--concurrent-requests", "4"],
         ["--server-url", "http://127.0.0.1:8000"],
+        ["--generate-url", "http://127.0.0.1:8001"],
         ["--request-timeout", "30", "--max-request-attempts", "2"],
         ["--hidden-states-dir", "/tmp/x"],
     ],
@@ -305,6 +318,22 @@ def test_vllm_flags_with_the_hf_backend_are_refused(flags, capsys):
     parse_collect(["--model", "m", "--dataset", "d", "--output-dir", "o", "--backend", "vllm", *flags]
                   + ([] if "--server-url" in flags else ["--server-url", "http://h:8000"]))  # fmt: skip
     parse_collect(["--model", "m", "--output-dir", "o", "--print-server-command", *flags])
+
+
+def test_generate_url_lists_and_what_it_needs(capsys):
+    """Repeatable and comma-separated; capture still needs --server-url (only --no-states runs on
+    generation servers alone); flags that would do nothing are refused."""
+    base = ["--model", "m", "--dataset", "d", "--output-dir", "o", "--backend", "vllm"]
+    args = parse_collect([*base, "--server-url", "http://e:1", "--generate-url", "http://a:1,http://b:1",
+                          "--generate-url", "http://c:1"])  # fmt: skip
+    assert args.generate_url == ["http://a:1", "http://b:1", "http://c:1"] and args.server_url == ["http://e:1"]
+    assert parse_collect([*base, "--generate-url", "http://a:1", "--no-states"]).server_url == []
+    for flags, message in [
+        (["--generate-url", "http://a:1"], "only --no-states runs on --generate-url servers alone"),
+        (["--server-url", "http://e:1", "--generate-url", "http://a:1", "--no-regenerate"], "nothing is generated"),
+        (["--server-url", "http://e:1", "--generate-model", "qwen"], "--generate-model names the model"),
+    ]:
+        assert message in exit_message(parse_collect, [*base, *flags], capsys)
 
 
 @pytest.mark.parametrize(

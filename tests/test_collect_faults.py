@@ -88,7 +88,7 @@ async def _freeze_after_probe(server: FakeVllm, payload: dict) -> None:
 
 # ---------------------------------------------------------------------- the capture file's lock
 def test_a_lock_held_forever_is_given_up_after_the_timeout(tmp_path):
-    from eagle3.collect.vllm_client import _LockTimeout, _read_hidden_states
+    from eagle3.collect.capture_files import LockTimeout, read_hidden_states
 
     path = tmp_path / "cmpl-x.safetensors"
     path.write_bytes(b"")
@@ -96,8 +96,8 @@ def test_a_lock_held_forever_is_given_up_after_the_timeout(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
-        with pytest.raises(_LockTimeout, match="still locked by its writer after 0.5 s"):
-            _read_hidden_states(str(path), 0.5)
+        with pytest.raises(LockTimeout, match="still locked by its writer after 0.5 s"):
+            read_hidden_states(str(path), 0.5)
         assert 0.5 <= time.monotonic() - started < 5
     finally:
         holder.kill()
@@ -290,3 +290,64 @@ def test_online_dataset_stopped_mid_epoch_leaves_no_capture_files(random_target,
         finally:
             dataset.close()
     assert not list(hidden.iterdir())
+
+
+# ---------------------------------------------------------------------- room for the captures in flight
+def test_captures_in_flight_are_sized_and_a_small_directory_is_named(tmp_path):
+    """Qwen3-1.7B (4 captured states, H=2048), 16 in flight on 2 servers, 2048 tokens: 2 GiB at most;
+    a directory without that much room is named with what to change (a directory still to be
+    created is judged by its parent)."""
+    from eagle3.collect.capture_files import capture_bytes_in_flight, space_note
+
+    assert capture_bytes_in_flight(16, 2, 2048, 4, 2048) == 2 * 2**30
+    assert space_note(str(tmp_path / "not-yet" / "created"), 1024) is None
+    note = space_note(str(tmp_path), 1 << 60)
+    assert note is not None and f"--hidden-states-dir {tmp_path} has" in note and "/dev/shm" in note
+
+
+# ---------------------------------------------------------------------- a generation server that is not vLLM
+def _openai_style(count_offset: int = 0):
+    """A hook that answers as an OpenAI-compatible server without vLLM's extensions would: no /tokenize
+    (the fake has none: 404), text answers without token ids, and the prompt-token count in ``usage``
+    (off by ``count_offset``: another tokenizer)."""
+
+    async def hook(server: FakeVllm, payload: dict):
+        from aiohttp import web
+        from transformers import AutoTokenizer
+
+        prompt = payload["prompt"]
+        if isinstance(prompt, str):  # the start-up check's probe text
+            count = len(AutoTokenizer.from_pretrained(server.model)(prompt, add_special_tokens=False)["input_ids"])
+            usage = {"prompt_tokens": count + count_offset, "completion_tokens": 1}
+            return web.json_response({"choices": [{"text": "x", "finish_reason": "length"}], "usage": usage})
+        choice = {"text": "Nine.", "finish_reason": "stop"}
+        return web.json_response({"choices": [choice], "usage": {"prompt_tokens": len(prompt), "completion_tokens": 3}})
+
+    return hook
+
+
+def test_a_generation_server_without_vllm_extensions_is_checked_by_its_prompt_count(random_target, chats, tmp_path):
+    """Without /tokenize the tokenizer check falls back to the prompt-token count the server reports
+    (another count is refused before any work); text answers are tokenised again, with the end of turn."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    base = ["--model", random_target, "--dataset", chats, "--backend", "vllm", "--no-states", "--quiet",
+            "--max-retries", "0", "--enable-thinking", "false"]  # fmt: skip
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_openai_style(count_offset=3)) as other:
+        refused = _run(*base, "--output-dir", tmp_path / "refused", "--generate-url", other.url)
+    assert (
+        refused.returncode == 2 and f"generation server {other.url} does not use --model's tokenizer" in refused.stderr
+    )
+    assert "prompt tokens, ours" in refused.stderr and not list((tmp_path / "refused").glob("shard-*"))
+    with FakeVllm(str(random_target), hidden, NUM_IDS, HIDDEN, hook=_openai_style()) as plain:
+        result = _run(*base, "--output-dir", tmp_path / "out", "--generate-url", plain.url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = HiddenStateStore(tmp_path / "out")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(random_target)
+    answer = tokenizer("Nine.", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    assert len(store) == 6
+    for i in range(6):
+        ids, mask = store[i].input_ids.tolist(), store[i].loss_mask.tolist()
+        assert [t for t, m in zip(ids, mask, strict=True) if m][-len(answer) :] == answer

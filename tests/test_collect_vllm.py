@@ -19,8 +19,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eagle3.collect.capture_files import client_tag
 from eagle3.collect.cli import main
-from eagle3.collect.vllm_client import client_tag
 from eagle3.data.store import HiddenStateStore
 from eagle3.testing import free_port, synthetic_conversations, vllm_server, write_jsonl
 from tests.fault_proxy import FaultProxy
@@ -175,7 +175,9 @@ def test_vllm_and_hf_render_the_same_samples(trained_target, server, chats, tmp_
         _assert_bf16_close(vllm_store[i].aux_hidden_states, hf_store[i].aux_hidden_states)
 
 
-def test_online_training_from_the_server_gets_the_samples_collection_stores(trained_target, server, chats, tmp_path):
+def test_online_training_from_the_server_gets_the_samples_collection_stores(
+    trained_target, server, generation_servers, chats, tmp_path
+):
     """run_train.py --online --server-url: an ids-only store the server regenerated (--no-states), then
     the states streamed from the server per batch are those collect-then-train reads from disk."""
     from eagle3.train.cli import main as train_main
@@ -236,11 +238,21 @@ def test_online_training_from_the_server_gets_the_samples_collection_stores(trai
     # Straight from chat data: the server also regenerates (ids + masks under OUTPUT_DIR/online_data).
     train(
         "from-chats", "--online", "--dataset", chats, "--model", trained_target, "--server-url", server["url"],
-        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS,
+        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS, "--max-new-tokens", "16",
     )  # fmt: skip
     regenerated = HiddenStateStore(tmp_path / "from-chats" / "online_data")
     assert regenerated.manifest["hidden_dtype"] == "none" and regenerated.manifest["settings"]["backend"] == "vllm"
     assert len(regenerated) == 4 and (tmp_path / "from-chats" / "best_model" / "model.safetensors").exists()
+
+    # The same with the regeneration on a plain server (--generate-url): the same ids and masks.
+    train(
+        "from-chats-plain", "--online", "--dataset", chats, "--model", trained_target, "--server-url", server["url"],
+        "--hidden-states-dir", server["hidden_dir"], "--layers", LAYERS, "--max-new-tokens", "16",
+        "--generate-url", generation_servers[0]["url"],
+    )  # fmt: skip
+    plain = HiddenStateStore(tmp_path / "from-chats-plain" / "online_data")
+    assert len(plain) == 4 and all(torch.equal(plain[i].input_ids, regenerated[i].input_ids) for i in range(4))
+    assert all(torch.equal(plain[i].loss_mask, regenerated[i].loss_mask) for i in range(4))
 
 
 def test_server_checks_catch_wrong_layers_and_model(trained_target, random_target, server, chats, tmp_path):
@@ -277,6 +289,23 @@ def test_printed_server_and_client_defaults_agree_on_length(trained_target, tmp_
         "--server-args=--max-model-len 512",
     ).stdout.split()
     assert own.count("--max-model-len") == 1 and own[own.index("--max-model-len") + 1] == "512"
+
+
+def test_print_server_command_prints_one_line_or_both_labelled(trained_target, tmp_path):
+    """Bare: the extraction server as one line (scripts eval it), both once --generate-url is given or
+    `both` is asked (the plain generation server on --port + 1, with --generate-model as its name)."""
+    common = ["--model", trained_target, "--output-dir", tmp_path, "--port", "8100", "--max-length", "1023"]
+    alone = _run(*common, "--print-server-command").stdout.strip()
+    assert "\n" not in alone and "--kv-transfer-config" in alone and "--port 8100" in alone
+    generate = _run(*common, "--print-server-command", "generate", "--generate-model", "qwen").stdout.strip()
+    assert "\n" not in generate and "--speculative-config" not in generate and "--kv-transfer-config" not in generate
+    assert "--served-model-name qwen" in generate and "--max-model-len 1023" in generate
+    both = _run(*common, "--print-server-command", "--generate-url", "http://h:8101").stdout.strip().splitlines()
+    assert both[0].startswith("# extraction server") and both[1] == alone
+    assert (
+        both[2].startswith("# generation server") and "--port 8101" in both[3] and "--served-model-name" not in both[3]
+    )
+    assert _run(*common, "--print-server-command", "both").stdout.strip().splitlines()[1::2] == both[1::2]
 
 
 # ---------------------------------------------------------------------- many servers, faults, many clients
@@ -321,14 +350,19 @@ def _our_files(hidden_dir: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(trained_target, server, second_server, pool_chats, tmp_path_factory):
+def reference_store(trained_target, server, second_server, pool_chats, tmp_path_factory) -> Path:
     """A clean run over both servers; both take requests (least-loaded dispatch)."""
     out = tmp_path_factory.mktemp("reference") / "out"
     urls = [server["url"], second_server["url"]]
     result = _run(*_pool_args(trained_target, urls, server["hidden_dir"], pool_chats, out))
     served = dict(re.findall(r"(http://127\.0\.0\.1:\d+) (\d+) requests", result.stdout))
     assert all(int(served[url]) >= 3 for url in urls), result.stdout  # probe + real work on each
-    samples = _stored(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_store) -> dict[int, list[int]]:
+    samples = _stored(reference_store)
     assert len(samples) == 8
     return samples
 
@@ -463,6 +497,129 @@ def test_client_killed_and_restarted_removes_only_its_orphans(trained_target, se
     for path in foreign:
         path.unlink()
     assert _stored(out) == reference
+
+
+# ---------------------------------------------------------------------- plain generation servers (--generate-url)
+# Two plain servers started with --print-server-command generate next to the extraction server: the
+# regeneration goes to them, the extraction server only captures. Greedy: the store must be the
+# clean run's over the extraction servers alone (`reference`), whichever server generated.
+@pytest.fixture(scope="module")
+def generation_servers(trained_target, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("generation-logs")
+    with contextlib.ExitStack() as stack:
+        started = []
+        for name in ("gen-a", "gen-b"):
+            printed = _run(
+                "--model", trained_target, "--output-dir", "unused", "--print-server-command", "generate",
+                "--port", free_port(), "--host", "127.0.0.1", f"--server-args={SERVER_ARGS}",
+            ).stdout  # fmt: skip
+            assert "--speculative-config" not in printed and "--kv-transfer-config" not in printed
+            try:
+                started.append(stack.enter_context(vllm_server(shlex.split(printed), logs / f"{name}.log")))
+            except RuntimeError as error:
+                pytest.fail(str(error))
+        yield started
+
+
+def _served(stdout: str, kind: str) -> dict[str, int]:
+    """url -> requests answered, from the summary line of ``kind`` ("vLLM servers" / "generation servers")."""
+    line = next(line for line in stdout.splitlines() if line.startswith(kind + ":"))
+    return {url: int(n) for url, n in re.findall(r"(http://127\.0\.0\.1:\d+) (\d+) requests", line)}
+
+
+def test_regeneration_on_plain_servers_stores_todays_samples(
+    trained_target, server, generation_servers, pool_chats, reference, reference_store, tmp_path
+):
+    """--generate-url (comma-separated): both plain servers generate, the extraction server answers
+    exactly one capture per sample and nothing else, and the store is today's path's (ids and
+    masks equal, states equal to bf16 precision). --no-states runs on the plain servers alone."""
+    urls = [g["url"] for g in generation_servers]
+    out = tmp_path / "split"
+    args = _pool_args(trained_target, [server["url"]], server["hidden_dir"], pool_chats, out)
+    result = _run(*args, "--generate-url", ",".join(urls))
+    assert _stored(out) == reference
+    generated = _served(result.stdout, "generation servers")
+    assert set(generated) == set(urls) and all(n >= 2 for n in generated.values()), result.stdout
+    assert _served(result.stdout, "vLLM servers") == {server["url"]: 8}  # the captures, no regeneration
+    split, today = HiddenStateStore(out), HiddenStateStore(reference_store)
+    by_key = {today[i].key: today[i] for i in range(len(today))}
+    for i in range(len(split)):
+        want = by_key[split[i].key]
+        assert torch.equal(split[i].loss_mask, want.loss_mask)
+        _assert_bf16_close(split[i].aux_hidden_states, want.aux_hidden_states)
+        _assert_bf16_close(split[i].last_hidden_states, want.last_hidden_states)
+    assert not _our_files(server["hidden_dir"])
+
+    ids_only = tmp_path / "ids"
+    args = _pool_args(trained_target, [server["url"]], server["hidden_dir"], pool_chats, ids_only, "--no-states")
+    at = args.index("--server-url")
+    result = _run(*args[:at], *args[at + 2 :], "--generate-url", urls[0], "--generate-url", urls[1])
+    assert _stored(ids_only) == reference and "vLLM servers:" not in result.stdout
+
+
+def test_generation_servers_are_checked_before_any_work(trained_target, generation_servers, pool_chats, tmp_path):
+    """Another model, a shorter context, another tokenizer: each stops the run at start, naming the
+    server and what to change, before anything is stored."""
+    url = generation_servers[0]["url"]
+
+    def run(out: str, *extra) -> _Result:
+        args = _pool_args(trained_target, [url], "unused", pool_chats, tmp_path / out, "--no-states")
+        at = args.index("--server-url")
+        return _run(*args[:at], *args[at + 2 :], "--generate-url", url, *extra, check=False)
+
+    wrong = run("model", "--generate-model", "Qwen/Qwen3-8B")
+    assert (
+        wrong.returncode == 2
+        and f"generation server {url} serves ['{trained_target}'], not Qwen/Qwen3-8B" in wrong.stderr
+    )
+    assert "--print-server-command generate" in wrong.stderr
+    short = run("length", "--max-length", "1500")
+    assert (
+        short.returncode == 2
+        and f"generation server {url} has max_model_len 1024 but --max-length 1500" in short.stderr
+    )
+    # The same weights under --model, with a tokenizer that has lost its merges (byte-level ids only).
+    other = tmp_path / "other-tokenizer"
+    other.mkdir()
+    for path in Path(trained_target).iterdir():
+        (other / path.name).symlink_to(path)
+    (other / "tokenizer.json").unlink()
+    tokenizer = json.loads((Path(trained_target) / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = []
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    mismatch = run("tokenizer", "--model", other, "--generate-model", trained_target)
+    assert mismatch.returncode == 2, mismatch.stderr[-2000:]
+    assert f"generation server {url} does not use --model's tokenizer" in mismatch.stderr
+    for out in ("model", "length", "tokenizer"):
+        assert not list((tmp_path / out).glob("shard-*"))
+
+
+def test_generation_server_killed_mid_run_the_others_finish(
+    trained_target, server, generation_servers, pool_chats, reference, tmp_path
+):
+    """SIGKILL one of two plain generation servers while it holds requests: the regeneration finishes
+    on the other and the store is exactly the clean run's. The killed server stays down: last user."""
+    out = tmp_path / "out"
+    victim, other = generation_servers
+    urls = f"{victim['url']},{other['url']}"
+    done_before = _metric(victim["url"], "vllm:request_success_total")
+    argv = _pool_args(trained_target, [server["url"]], server["hidden_dir"], pool_chats, out, "--generate-url", urls)
+    client = _start_client(argv, tmp_path / "c.log")
+    try:
+        deadline = time.time() + 300
+        # the start-up probe and the first answer: most of its share (16 requests over two) is still to come
+        while _metric(victim["url"], "vllm:request_success_total") < done_before + 2:
+            assert client.poll() is None and time.time() < deadline, (tmp_path / "c.log").read_text()[-3000:]
+            time.sleep(0.1)
+        os.killpg(victim["process"].pid, signal.SIGKILL)
+        assert client.wait(timeout=600) == 0, (tmp_path / "c.log").read_text()[-3000:]
+    finally:
+        if client.poll() is None:
+            client.kill()
+    log = (tmp_path / "c.log").read_text()
+    assert f"generation server {victim['url']} is down" in log, log[-3000:]
+    assert _stored(out) == reference
+    assert not _our_files(server["hidden_dir"])
 
 
 def test_server_killed_mid_run_the_other_finishes(

@@ -21,6 +21,8 @@ DATA, REGEN, STORE, BACKEND = "data", "regeneration (train on the target's own a
 # Flags the hf backend has no use for: given with it, they would be silently ignored.
 VLLM_ONLY = (
     "server_url",
+    "generate_url",
+    "generate_model",
     "concurrent_requests",
     "request_timeout",
     "max_retries",
@@ -172,6 +174,26 @@ class CollectArgs:
             "least-loaded live one, a failing server is worked around (see docs/COLLECT.md).",
         },
     )
+    generate_url: list[str] = field(
+        default_factory=list,
+        metadata={
+            "section": BACKEND,
+            "help": "vllm: plain generation server URL(s) for the regeneration (repeat the flag or separate with "
+            "commas): any OpenAI-compatible /v1/completions server of the same target (a plain `vllm serve`, "
+            "SGLang, your own deployment), with the same dispatch, failover and start-up check as --server-url. "
+            "The --server-url servers then only capture (one prefill per sample). Default: the --server-url "
+            "servers regenerate too.",
+            "action": "extend",
+        },
+    )
+    generate_model: str | None = field(
+        default=None,
+        metadata={
+            "section": BACKEND,
+            "help": "vllm: the model name the --generate-url servers serve the target as (default: --model); "
+            "they must still use the target's tokenizer (checked at start).",
+        },
+    )
     concurrent_requests: int = field(
         default=16,
         metadata={
@@ -213,9 +235,18 @@ class CollectArgs:
             "--server-args='--enforce-eager'.",
         },
     )
-    print_server_command: bool = field(
-        default=False,
-        metadata={"section": BACKEND, "help": "Print the exact vLLM server command for these settings and exit."},
+    # None | "auto" (the bare flag) | "extract" | "generate" | "both"
+    print_server_command: str | None = field(
+        default=None,
+        metadata={
+            "section": BACKEND,
+            "help": "Print the exact vLLM server command(s) for these settings and exit: the extraction server "
+            "(the bare flag; both, labelled, when --generate-url is given), `generate` (a plain `vllm serve` for "
+            "--generate-url) or `both` (the generation server on --port + 1). One command prints as one line.",
+            "nargs": "?",
+            "const": "auto",
+            "choices": ["auto", "extract", "generate", "both"],
+        },
     )
     quiet: bool = field(default=False, metadata={"help": "No progress bar."})
 
@@ -223,6 +254,8 @@ class CollectArgs:
         # --layers arrives as text ("0,13,27") and is kept as a list of ints from here on.
         self.layers = parse_layers(self.layers, flag="--layers")
         self.enable_thinking = parse_thinking(self.enable_thinking)
+        # --generate-url A,B --generate-url C: one list (a deployment's URLs are often pasted comma-separated)
+        self.generate_url = [url for given in self.generate_url for url in given.split(",") if url]
         positive = ("batch_size", "concurrent_requests", "max_new_tokens", "max_length", "shard_tokens")
         for name in (*positive, "max_request_attempts"):
             if getattr(self, name) < 1:
@@ -256,12 +289,24 @@ class CollectArgs:
             raise ValueError("--dataset is required (JSONL/JSON file(s) or a Hugging Face dataset)")
         if self.no_states:
             self.hidden_dtype = "none"  # the store's name for "ids and masks only"
-        if self.backend == "vllm" and not self.server_url:
-            raise ValueError(
-                "--backend vllm needs --server-url (start a server with the command --print-server-command prints)"
-            )
+        if self.backend == "vllm":
+            self._check_vllm_servers()
         if self.backend == "hf":
             self._refuse_vllm_flags()
+
+    def _check_vllm_servers(self) -> None:
+        """Which servers the run needs: capture needs --server-url; regeneration the --generate-url
+        servers when given (else --server-url)."""
+        if self.generate_url and not self.regenerate:
+            raise ValueError("--generate-url with --no-regenerate: nothing is generated; drop one of them")
+        if self.generate_model and not self.generate_url:
+            raise ValueError("--generate-model names the model on the --generate-url servers: add --generate-url")
+        if not self.server_url and not (self.generate_url and self.no_states):
+            raise ValueError(
+                "--backend vllm needs --server-url (the servers that capture the states; start one with the "
+                "command --print-server-command prints)"
+                + ("" if not self.generate_url else "; only --no-states runs on --generate-url servers alone")
+            )
 
     def _refuse_vllm_flags(self) -> None:
         """A vLLM flag given to the hf backend (its value differs from the default) is a mistake to

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from collections.abc import Sequence
 
@@ -31,9 +30,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args = parse_args(argv)
         if args.print_server_command:
-            from eagle3.collect.vllm_client import server_command_for
+            from eagle3.collect.server_commands import printed_server_commands
 
-            print(shlex.join(server_command_for(args)))
+            print(printed_server_commands(args))
             return
         from eagle3.collect.loop import collect
 

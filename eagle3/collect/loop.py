@@ -159,7 +159,7 @@ def hf_max_length(max_length: int, config) -> int:
 def prepare(args: CollectArgs) -> Plan:
     config = load_target_config(args.model)
     if args.backend == "vllm":  # what a server for this target serves at most (see --print-server-command)
-        from eagle3.collect.vllm_client import served_max_length
+        from eagle3.collect.server_commands import served_max_length
 
         args = replace(args, max_length=served_max_length(args.max_length, config))
     else:

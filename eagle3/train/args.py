@@ -138,6 +138,16 @@ class Eagle3TrainingArguments(TrainingArguments):
             "aliases": ["--server_url"],
         },
     )
+    generate_url: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With --online --dataset --server-url: regenerate the answers on these plain OpenAI-compatible "
+            "servers of the target instead (repeat or comma-separate; see run_collect.py --generate-url); the "
+            "--server-url servers then only compute the states.",
+            "aliases": ["--generate_url"],
+            "action": "extend",
+        },
+    )
     hidden_states_dir: str = field(
         default=DEFAULT_HIDDEN_STATES_DIR,
         metadata={
@@ -354,6 +364,12 @@ class Eagle3TrainingArguments(TrainingArguments):
             raise ValueError("--online: give either --dataset (chat data) or --data-dir (a run_collect.py store)")
         if self.server_url and not self.online:
             raise ValueError("--server-url is for --online training (states streamed from vLLM servers)")
+        self.generate_url = [url for given in self.generate_url or [] for url in given.split(",") if url] or None
+        if self.generate_url and not (self.online and self.dataset and self.server_url):
+            raise ValueError(
+                "--generate-url is read by --online --dataset --server-url (the regeneration before training); "
+                "add them, or drop --generate-url (a --data-dir store is regenerated already)"
+            )
         self.enable_thinking = parse_thinking(self.enable_thinking)
         self._refuse_flags_of_other_modes()
         if self.server_url and self.dataloader_num_workers == 0:

@@ -84,9 +84,13 @@ def prepare_online_data(args) -> str:
         hidden_dtype="none",
         quiet=not args.should_log,
     )
-    if args.server_url:  # the servers regenerate (and later compute the states)
+    if args.server_url:  # the servers regenerate (or the --generate-url ones) and later compute the states
         collect_args = replace(
-            collect_args, backend="vllm", server_url=list(args.server_url), hidden_states_dir=args.hidden_states_dir
+            collect_args,
+            backend="vllm",
+            server_url=list(args.server_url),
+            generate_url=list(args.generate_url or []),  # plain servers regenerate instead, when given
+            hidden_states_dir=args.hidden_states_dir,
         )
     summary = collect(collect_args)
     if args.should_log:

@@ -76,7 +76,7 @@ class ServerSource:
 
     def tag(self, client_name: str) -> str:
         """What the files of client ``client_name``'s captures are named with (see ``client_tag``)."""
-        from eagle3.collect.vllm_client import client_tag
+        from eagle3.collect.capture_files import client_tag
 
         return client_tag(self._client_dir(client_name), self.rank)
 
@@ -131,7 +131,7 @@ class ServerStatesDataset(Dataset):
     def close(self) -> None:
         """Close this process's client, then remove the files every client of this dataset left
         (call it in the main process once the DataLoader's workers are gone)."""
-        from eagle3.collect.vllm_client import remove_orphans
+        from eagle3.collect.capture_files import remove_orphans
 
         if self._client is not None and self._client_pid == os.getpid():
             self._client.close()
