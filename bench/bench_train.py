@@ -342,24 +342,27 @@ def dflash_model_step(length: int, anchors: int) -> dict:
     return {"measured_gib": round((peak.peak - base) / 2**30, 3)}
 
 
+def _estimate_vs_child(child_flags: list[str], estimate, entry: dict) -> dict:
+    """Run this script with ``child_flags`` (a measuring child process) and put its measured peak
+    next to the estimate in ``entry``."""
+    child = subprocess.run([sys.executable, __file__, *child_flags], capture_output=True, text=True)
+    entry["estimated_gib"] = round(estimate.total / 2**30, 3)
+    if child.returncode != 0:
+        entry["failed"] = child.stderr[-500:]
+    else:
+        entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
+        entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
+        entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
+    print(entry, flush=True)
+    return entry
+
+
 def dflash_memory_model_check(args) -> dict:
     results = {"measured_with": "process peak RSS above the pre-build baseline (psutil, 5 ms sampling)"}
     for length, anchors in DFLASH_CHECKS:
-        child = subprocess.run(
-            [sys.executable, __file__, "--dflash-step", str(anchors), "--mem-seq-len", str(length)],
-            capture_output=True,
-            text=True,
-        )
-        estimate = dflash_estimate(length, anchors)
-        entry = {"seq_len": length, "anchors": anchors, "estimated_gib": round(estimate.total / 2**30, 3)}
-        if child.returncode != 0:
-            entry["failed"] = child.stderr[-500:]
-        else:
-            entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
-            entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
-            entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
-        results[f"dflash@{length}x{anchors}"] = entry
-        print(entry, flush=True)
+        flags = ["--dflash-step", str(anchors), "--mem-seq-len", str(length)]
+        entry = {"seq_len": length, "anchors": anchors}
+        results[f"dflash@{length}x{anchors}"] = _estimate_vs_child(flags, dflash_estimate(length, anchors), entry)
     return results
 
 
@@ -367,21 +370,8 @@ def memory_model_check(args) -> dict:
     """Estimate vs measured peak at two model shapes, each measured in its own process."""
     results = {"measured_with": "process peak RSS above the pre-build baseline (psutil, 5 ms sampling)"}
     for shape, length in MODEL_CHECKS:
-        child = subprocess.run(
-            [sys.executable, __file__, "--model-step", shape, "--mem-seq-len", str(length)],
-            capture_output=True,
-            text=True,
-        )
-        estimate = model_estimate(shape, length)
-        entry = {"seq_len": length, "estimated_gib": round(estimate.total / 2**30, 3)}
-        if child.returncode != 0:
-            entry["failed"] = child.stderr[-500:]
-        else:
-            entry.update(json.loads(child.stdout.strip().splitlines()[-1]))
-            entry["estimate_over_measured"] = round(entry["estimated_gib"] / entry["measured_gib"], 3)
-            entry["within_15_percent"] = abs(entry["estimate_over_measured"] - 1) <= 0.15
-        results[f"{shape}@{length}"] = entry
-        print(shape, entry, flush=True)
+        flags = ["--model-step", shape, "--mem-seq-len", str(length)]
+        results[f"{shape}@{length}"] = _estimate_vs_child(flags, model_estimate(shape, length), {"seq_len": length})
     return results
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, Qwen3Config, TrainerCallback
+from transformers import AutoConfig, Qwen3Config
 
 from eagle3.collect.cli import main as collect_main
 from eagle3.config import parse_layers, resolve_layers
@@ -31,9 +31,9 @@ from eagle3.train.memory_model import estimate_dflash_peak_memory, target_shape
 from eagle3.train.model import DFlashDraftForTraining
 
 try:
-    from tests.train_data import cached_store
+    from tests.train_data import Losses, StopAt, cached_store
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from train_data import cached_store
+    from train_data import Losses, StopAt, cached_store
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 4
@@ -282,16 +282,6 @@ def test_vllm_serves_the_trained_draft_losslessly_and_agrees_with_in_process(tra
 # ----------------------------------------------------------------------------- resume, online, ZeRO
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
 def test_resume_equals_uninterrupted(trained_target, tmp_path):
     """The anchors are random: a resumed run must draw the same ones (the Trainer restores the RNG)."""
 
@@ -303,7 +293,7 @@ def test_resume_equals_uninterrupted(trained_target, tmp_path):
 
     checkpoint = tmp_path / "interrupted" / "checkpoint-4"
     train(args(tmp_path / "straight"))
-    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(4)])
+    train(args(tmp_path / "interrupted"), callbacks=[StopAt(4)])
     train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
     straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
     resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
@@ -311,15 +301,6 @@ def test_resume_equals_uninterrupted(trained_target, tmp_path):
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.allclose(load_file(checkpoint / "model.safetensors")["fc.weight"], straight["fc.weight"])
-
-
-class _Losses(TrainerCallback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 def test_online_equals_offline_and_collection_takes_the_dflash_layers(trained_target, tmp_path):
@@ -331,7 +312,7 @@ def test_online_equals_offline_and_collection_takes_the_dflash_layers(trained_ta
     common += [*FAST, "--logging_steps", "1", "--eval-ratio", "0", "--save_strategy", "no"]
 
     def run(*argv) -> list[float]:
-        losses = _Losses()
+        losses = Losses()
         train(parse_args([*argv, *common]), callbacks=[losses])
         return losses.losses
 

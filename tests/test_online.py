@@ -6,24 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
 
 from eagle3.collect.cli import main as collect_main
 from eagle3.testing import synthetic_conversations, write_jsonl
 from eagle3.train.args import parse_args
 from eagle3.train.main import train
 
+try:
+    from tests.train_data import Losses
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from train_data import Losses
+
 FAST = ["--report_to", "none", "--disable_tqdm", "true", "--draft-vocab-size", "256", "--ttt-steps", "3"]
 FAST += ["--dataloader_num_workers", "0", "--logging_steps", "1", "--eval-ratio", "0", "--save_strategy", "no"]
-
-
-class _Losses(TrainerCallback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append(logs["loss"])
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +27,7 @@ def chats(tmp_path_factory):
 
 
 def _train(argv: list[str]) -> list[float]:
-    losses = _Losses()
+    losses = Losses()
     train(parse_args(argv), callbacks=[losses])
     return losses.losses
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from eagle3.export.check import check_draft
 from eagle3.train.args import parse_args
@@ -21,9 +20,9 @@ from eagle3.train.cli import main as run_train_main
 from eagle3.train.main import resolve_resume, train
 
 try:
-    from tests.train_data import cached_store, wandb_offline_records
+    from tests.train_data import StopAt, cached_store, wandb_offline_records
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from train_data import cached_store, wandb_offline_records
+    from train_data import StopAt, cached_store, wandb_offline_records
 
 FAST = [
     "--report_to",
@@ -190,16 +189,6 @@ def test_model_card_and_hub_upload(trained_run):
     assert not any(name.startswith("checkpoint-") or name.endswith(".bin") for name in files)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
 @pytest.mark.parametrize(
     ("batching", "stop_at"),
     [
@@ -242,7 +231,7 @@ def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path, batchin
 
     checkpoint = tmp_path / "interrupted" / f"checkpoint-{stop_at}"
     train(args(tmp_path / "straight"))
-    train(args(tmp_path / "interrupted"), callbacks=[_StopAt(stop_at)])
+    train(args(tmp_path / "interrupted"), callbacks=[StopAt(stop_at)])
     assert (checkpoint / "optimizer.pt").exists()
     train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
     straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")

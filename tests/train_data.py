@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from eagle3.config import default_target_layers, to_vllm_layer_ids
 from eagle3.data.store import Sample, StoreWriter
@@ -142,3 +143,26 @@ def wandb_offline_records(run_file: str | Path):
             record.ParseFromString(pending)
             pending = b""
             yield record
+
+
+class StopAt(TrainerCallback):
+    """Save and stop after ``step`` optimizer steps (an interrupted run to resume)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class Losses(TrainerCallback):
+    """Records every logged training loss."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])

@@ -179,6 +179,17 @@ def activation_bytes_per_token(
     return ttt_steps * per_step + once + transient + attention
 
 
+def sharded_training_bytes(trainable: int, zero_stage: int, world_size: int, offload_optimizer: bool):
+    """(fp32 weights, gradients, AdamW states) bytes on one device: ZeRO-1/2 shard the AdamW states
+    (ZeRO-2 the gradients too) over ``world_size``, ZeRO-3 also the weights; offloading moves
+    the AdamW states to host memory."""
+    shard = max(1, world_size)
+    weights = trainable * 4 // (shard if zero_stage >= 3 else 1)
+    gradients = trainable * 4 // (shard if zero_stage >= 2 else 1)
+    optimizer = 0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1)
+    return weights, gradients, optimizer
+
+
 def estimate_peak_memory(
     hidden_size: int,
     intermediate_size: int,
@@ -215,22 +226,19 @@ def estimate_peak_memory(
     frozen embedding and the target's head are whole on every device.
     """
     shape = DraftShape(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        vocab_size=vocab_size,
-        draft_vocab_size=draft_vocab_size,
-        target_hidden_size=target_hidden_size,
-        num_aux=num_aux,
-        num_draft_layers=num_draft_layers,
+        hidden_size,
+        intermediate_size,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size,
+        draft_vocab_size,
+        target_hidden_size,
+        num_aux,
+        num_draft_layers,
     )
     trainable, frozen = draft_parameter_counts(shape)
-    shard = max(1, world_size)
-    weights = trainable * 4 // (shard if zero_stage >= 3 else 1)
-    gradients = trainable * 4 // (shard if zero_stage >= 2 else 1)
-    optimizer = 0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1)
+    weights, gradients, optimizer = sharded_training_bytes(trainable, zero_stage, world_size, offload_optimizer)
     full_head = vocab_size if draft_vocab_size < vocab_size else 0  # argmax over the full vocab
     target_head = (full_head + draft_vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes
     length = max_length if max_length is not None else min(tokens_per_batch, DEFAULT_MAX_LENGTH)
@@ -353,26 +361,26 @@ def estimate_dflash_peak_memory(
     """``estimate_peak_memory`` for a DFlash draft (``--draft-type dflash``): micro-batches of
     ``tokens_per_batch`` padded tokens in samples of ``max_length``."""
     shape = DraftShape(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        vocab_size=vocab_size,
-        draft_vocab_size=vocab_size,
-        target_hidden_size=target_hidden_size,
-        num_aux=num_aux,
-        num_draft_layers=num_draft_layers,
+        hidden_size,
+        intermediate_size,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size,
+        vocab_size,  # the draft predicts through the target's own head: the whole vocabulary
+        target_hidden_size,
+        num_aux,
+        num_draft_layers,
     )
     trainable, frozen = dflash_parameter_counts(shape)
-    shard = max(1, world_size)
+    weights, gradients, optimizer = sharded_training_bytes(trainable, zero_stage, world_size, offload_optimizer)
     per_sample = dflash_activation_bytes_per_sample(shape, max_length, num_anchors, block_size, mixed_precision)
     samples = -(-tokens_per_batch // max(1, max_length))
     return MemoryEstimate(
-        trainable_weights=trainable * 4 // (shard if zero_stage >= 3 else 1),
+        trainable_weights=weights,
         frozen_weights=frozen * 4,
-        gradients=trainable * 4 // (shard if zero_stage >= 2 else 1),
-        optimizer_states=0 if offload_optimizer else trainable * 8 // (shard if zero_stage >= 1 else 1),
+        gradients=gradients,
+        optimizer_states=optimizer,
         target_head=(vocab_size + 1) * (target_hidden_size or hidden_size) * target_dtype_bytes,
         activations=per_sample * samples,
         tokens_per_batch=tokens_per_batch,
