@@ -202,10 +202,11 @@ def to_vllm_layer_ids(layers: Sequence[int]) -> list[int]:
     return [int(layer) + 1 for layer in layers]
 
 
-DFLASH_LAYERS = "dflash"  # --layers dflash[:N]: DFlash's default N target layers (N = 5 by default)
+DFLASH_LAYERS = "dflash"  # --layers dflash[:N]: DFlash's default N target layers
+DFLASH_DEFAULT_LAYER_COUNT = 5  # the published Qwen3 DFlash drafts: 5 draft layers reading 5 target layers
 
 
-def default_dflash_layers(num_target_layers: int, count: int = 5) -> list[int]:
+def default_dflash_layers(num_target_layers: int, count: int = DFLASH_DEFAULT_LAYER_COUNT) -> list[int]:
     """DFlash's default target layers: ``count`` layers spread evenly from layer 1 to L - 3
     (Qwen3-8B, 36 layers, 5 layers: 1, 9, 17, 25, 33, as the published draft reads)."""
     if count == 1:
@@ -225,7 +226,7 @@ def parse_layers(text: str | Sequence[int] | None, flag: str = "--layers") -> li
         return [int(x) for x in text]
     preset = text.strip().lower()
     if preset.startswith(DFLASH_LAYERS):
-        count = preset.removeprefix(DFLASH_LAYERS).removeprefix(":") or "5"
+        count = preset.removeprefix(DFLASH_LAYERS).removeprefix(":") or str(DFLASH_DEFAULT_LAYER_COUNT)
         if not count.isdigit() or int(count) < 1:
             raise Eagle3ConfigError(f"{flag}: expected dflash or dflash:N with N >= 1 (e.g. dflash:5), got {text!r}.")
         return f"{DFLASH_LAYERS}:{int(count)}"

@@ -39,10 +39,12 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RMSNorm,
     Qwen3RotaryEmbedding,
     apply_rotary_pos_emb,
+    rotate_half,
 )
 
 from eagle3.config import (
     _COPIED_FROM_TARGET,
+    DFLASH_DEFAULT_LAYER_COUNT,
     Eagle3ConfigError,
     draft_intermediate_size,
     draft_rope_parameters,
@@ -52,7 +54,7 @@ from eagle3.families import family_of
 
 DFLASH_ARCHITECTURE = "DFlashDraftModel"
 DEFAULT_BLOCK_SIZE = 16  # the published Qwen3 DFlash drafts (z-lab/Qwen3-*-DFlash-b16)
-DEFAULT_NUM_DRAFT_LAYERS = 5  # ... with 5 draft layers reading 5 target layers
+DEFAULT_NUM_DRAFT_LAYERS = DFLASH_DEFAULT_LAYER_COUNT  # ... with 5 draft layers reading 5 target layers
 
 
 def default_loss_decay(block_size: int) -> float:
@@ -206,7 +208,7 @@ class DFlashAttention(nn.Module):
         v = self.v_proj(states).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        k = k * cos + _rotate_half(k) * sin
+        k = k * cos + rotate_half(k) * sin
         return k, v
 
     def context_kv(self, context: torch.Tensor, cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,11 +234,6 @@ class DFlashAttention(nn.Module):
             q, key, value, attn_mask=mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class DFlashDecoderLayer(nn.Module):

@@ -65,10 +65,7 @@ class DFlashSpeculativeDecoder(SpeculativeDecoder):
             context += new_tokens
             finished = any(token in self.eos_ids for token in new_tokens)
             pending_aux = verify_aux[: len(new_tokens)]  # the last token and the accepted proposals
-        eos_at = next((i for i, t in enumerate(output) if t in self.eos_ids), None)
-        result.output_ids = output[: eos_at + 1] if eos_at is not None else output[:max_new_tokens]
-        result.seconds = time.perf_counter() - start
-        return result
+        return self._finish(result, output, max_new_tokens, start)
 
     @torch.no_grad()
     def teacher_forced_stats(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:

@@ -197,6 +197,13 @@ class SpeculativeDecoder:
             target_cache.crop(-rejected)
         return new_tokens, verify_aux, target_cache
 
+    def _finish(self, result: SpeculativeResult, output: list[int], max_new_tokens: int, start: float):
+        """The answer up to its first end-of-turn token (or ``max_new_tokens``) and the time taken."""
+        eos_at = next((i for i, t in enumerate(output) if t in self.eos_ids), None)
+        result.output_ids = output[: eos_at + 1] if eos_at is not None else output[:max_new_tokens]
+        result.seconds = time.perf_counter() - start
+        return result
+
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> SpeculativeResult:
@@ -233,10 +240,7 @@ class SpeculativeDecoder:
             # Next round the draft re-reads the target's states at the verified positions.
             pending_aux = verify_aux[: accepted + 1]
             pending_tokens = new_tokens
-        eos_at = next((i for i, t in enumerate(output) if t in self.eos_ids), None)
-        result.output_ids = output[: eos_at + 1] if eos_at is not None else output[:max_new_tokens]
-        result.seconds = time.perf_counter() - start
-        return result
+        return self._finish(result, output, max_new_tokens, start)
 
     def _teacher_forced_inputs(self, prompt_ids: list[int], output_ids: list[int]):
         """One target forward over prompt + answer (the aux states land in ``self.recorder``);

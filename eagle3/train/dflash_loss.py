@@ -91,6 +91,7 @@ def block_loss(
 
     valid = at(target.valid) & in_range & keep.unsqueeze(-1)
     greedy = at(target.greedy) if target.greedy is not None else valid
+    target_pred = at(target.pred)
     vocab = target.probs.shape[-1]
     weights = torch.tensor([math.exp(-k / decay_gamma) for k in range(steps)], device=normed.device)
 
@@ -106,7 +107,7 @@ def block_loss(
         ce_sum = step_loss(logits, probs, valid[:, :, k], loss_type, lk_eta)
         pred = logits.detach().argmax(-1)
         loss = loss + weights[k] * ce_sum
-        hits = (pred == at(target.pred)[:, :, k]) & valid[:, :, k]
+        hits = (pred == target_pred[:, :, k]) & valid[:, :, k]
         eligible = run & valid[:, :, k] & (greedy[:, :, k - 1] if k > 0 else True)
         run = eligible & hits
         run_length += run

@@ -175,7 +175,14 @@ def memory_estimate(
     ds = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
     zero = ds.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
-    distributed = dict(
+    # What both drafts' estimates take: the target's shapes, the batch, precision and ZeRO settings.
+    common = dict(
+        **target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size),
+        tokens_per_batch=tokens,
+        num_aux=len(plan.target_layers),
+        num_draft_layers=args.num_draft_layers,
+        mixed_precision=bool(args.bf16 or args.fp16),
+        online_target_bytes=online_target_bytes,
         target_dtype_bytes=2
         if str(getattr(target_config, "dtype", "bfloat16")).endswith(("bfloat16", "float16"))
         else 4,
@@ -184,32 +191,16 @@ def memory_estimate(
         offload_optimizer=offload,
     )
     if args.draft_type == "dflash":
-        shape = target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size)
         return estimate_dflash_peak_memory(
-            **shape,
-            tokens_per_batch=tokens,
-            max_length=longest or tokens,
-            num_anchors=args.num_anchors,
-            block_size=args.block_size,
-            num_aux=len(plan.target_layers),
-            num_draft_layers=args.num_draft_layers,
-            mixed_precision=bool(args.bf16 or args.fp16),
-            online_target_bytes=online_target_bytes,
-            **distributed,
+            **common, max_length=longest or tokens, num_anchors=args.num_anchors, block_size=args.block_size
         )
     return estimate_peak_memory(
-        **target_shape(target_config, draft_intermediate_size=args.draft_intermediate_size),
+        **common,
         draft_vocab_size=draft_vocab_size,
-        tokens_per_batch=tokens,
-        num_aux=len(plan.target_layers),
-        online_target_bytes=online_target_bytes,
         max_length=longest,
         ttt_steps=args.ttt_steps,
-        num_draft_layers=args.num_draft_layers,
-        mixed_precision=bool(args.bf16 or args.fp16),
         head_checkpointing=args.head_checkpointing,
         loss=args.loss,
-        **distributed,
     )
 
 
