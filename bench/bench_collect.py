@@ -152,9 +152,10 @@ def vllm_vs_vllm(
     from eagle3.collect.args import parse_args
     from eagle3.collect.loop import resolve_layers
     from eagle3.collect.server_commands import generate_command_for, server_command_for
-    from eagle3.collect.vllm_client import VllmBackend
+    from eagle3.collect.vllm_client import VllmBackend, client_cpu_threads
     from eagle3.testing import free_port, vllm_server
 
+    torch.set_num_threads(client_cpu_threads())  # this process is the client, as run_collect.py sets it
     config = load_target_config(model)
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(model))
     results = []
@@ -190,6 +191,14 @@ def vllm_vs_vllm(
                     {"concurrency": concurrency} | {k: statistics.median(row[k] for row in rows) for k in rows[0]}
                 )
     return results
+
+
+# vLLM's workers busy-poll their shared-memory queue for 1 s after each step (shm_broadcast's
+# SpinCondition, busy_loop_s=1): for a second after a measurement on one server, that server keeps
+# a CPU core spinning. On a 2-core machine the next measurement, on the other server, ran on one core:
+# the rotation of the order keeps neighbours, so capture always followed the plain prefill and
+# measured at ~0.45x of its speed with a pause (the capture ratio read 0.37 instead of ~0.8).
+SETTLE_S = 1.5
 
 
 def _one_round(old, new, plain_url, name, renderer, concurrency, max_new_tokens, samples, seed, turn, store) -> dict:
@@ -257,6 +266,7 @@ def _one_round(old, new, plain_url, name, renderer, concurrency, max_new_tokens,
     names = names[turn % len(names) :] + names[: turn % len(names)]
     rate = {}
     for side in names:
+        time.sleep(SETTLE_S)  # both servers quiet before every measurement: see SETTLE_S
         tokens, seconds = sides[side]()
         rate[side] = tokens / seconds
     return {

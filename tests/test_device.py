@@ -8,6 +8,7 @@ CUDA_VISIBLE_DEVICES, and torch.cuda / torch.version.cuda monkeypatched.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,19 @@ def test_run_collect_stops_before_loading_the_model(gpu_machine, random_target, 
     # --backend vllm: the servers run the target, this process needs no GPU
     announce_device(parse_args([*argv, "--backend", "vllm", "--server-url", "http://127.0.0.1:9"]))
     assert "device: the vLLM servers run the target" in capsys.readouterr().err
+
+
+def test_collection_client_leaves_the_cpus_to_the_servers(monkeypatch):
+    """The vLLM client's torch threads: a quarter of the CPUs (at least one), or OMP_NUM_THREADS."""
+    from eagle3.collect.vllm_client import client_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    for cpus, threads in ((1, 1), (2, 1), (8, 2), (64, 16), (None, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
+        assert client_cpu_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # the user's choice stands
+    assert client_cpu_threads() == 64
 
 
 def test_run_train_stops_before_reading_data(gpu_machine, tmp_path, capsys, monkeypatch):

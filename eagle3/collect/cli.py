@@ -20,8 +20,11 @@ def announce_device(args) -> None:
     if args.backend == "hf":
         select_device(args.device, flag="--device")
     else:
+        from eagle3.collect.vllm_client import client_cpu_threads
+
         print(
-            "device: the vLLM servers run the target (--backend vllm: this process only sends requests)",
+            "device: the vLLM servers run the target (--backend vllm: this process only sends requests; "
+            f"{client_cpu_threads()} CPU thread(s) for its tensor work)",
             file=sys.stderr,
         )
 
@@ -37,6 +40,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from eagle3.collect.loop import collect
 
         announce_device(args)
+        if args.backend == "vllm":
+            import torch
+
+            from eagle3.collect.vllm_client import client_cpu_threads
+
+            torch.set_num_threads(client_cpu_threads())
         summary = collect(args)
     except (SourceError, StoreError, Eagle3ConfigError, CollectError, FileNotFoundError, ValueError) as error:
         print(f"{prog_name('run_collect.py')}: error: {error}", file=sys.stderr)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import shlex
 import sys
 import threading
@@ -80,6 +81,17 @@ class _Captured:
 # the caller stores earlier ones: their states wait in memory (at most this many samples), the rest of
 # the window waits as file paths.
 READ_AHEAD = 4
+
+
+def client_cpu_threads() -> int:
+    """Torch threads for a collection client: a quarter of the CPUs, at least one, unless
+    OMP_NUM_THREADS says otherwise. Its tensor work per sample is small (split a file's states,
+    encode, check them finite), and torch's spinning pool threads take the CPUs that vLLM servers
+    on the same machine need: on 2 cores, 2 client threads used 3x the CPU of 1 per captured token
+    and captured ~20% slower (py-spy, bench/bench_collect.py --vllm)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // 4))
 
 
 @dataclass
