@@ -10,7 +10,8 @@
    on a GPU. Two real servers of the same target run side by side: ours (``--print-server-command``:
    ``extract_hidden_states`` + our connector) and a plain one (``--print-server-command generate``:
    vLLM's defaults, no extraction). Per concurrency (requests in flight per server), every round
-   measures on fresh conversations, in a rotating order, and the median over rounds is reported:
+   measures on fresh conversations, in a rotating order, each after a pause that lets both servers go
+   quiet (SETTLE_S), and the median over rounds is reported:
    (a) capture: our client (``VllmBackend`` with --no-regenerate: request, file read, split, and
        the store's write, as run_collect.py does) tokens/s vs the plain server's prefill tokens/s
        (max_tokens=1) of as many conversations;
