@@ -23,7 +23,7 @@
 
     python bench/bench_collect.py [--model PATH] [--hidden-size 512] [--samples 64] [--batch-size 8]
     python bench/bench_collect.py --vllm [--widths tiny,1.7b] [--hidden-size 512] [--samples 64] \
-        [--concurrency 16] [--max-new-tokens 16] [--repeats 3] [--server-args=--enforce-eager]
+        [--concurrency 16] [--max-new-tokens 16] [--repeats 3] [--server-args=--enforce-eager] [--captures-under /dev/shm]
     make bench-collect-vllm   # both widths, median of 3; BENCH_ARGS="--depth-1.7b 8" as measured in docs/COLLECT.md
 """
 
@@ -147,7 +147,13 @@ def width_target(width: str, hidden_size: int, depth: int | None = None) -> str:
 
 
 def vllm_vs_vllm(
-    model: str, samples: int, concurrencies: list[int], repeats: int, max_new_tokens: int, server_args: str
+    model: str,
+    samples: int,
+    concurrencies: list[int],
+    repeats: int,
+    max_new_tokens: int,
+    server_args: str,
+    captures_under: str | None = None,
 ) -> list[dict]:
     """Per concurrency, the median over ``repeats`` rounds of ``_one_round`` (see the module docstring)."""
     from eagle3.collect.args import parse_args
@@ -160,8 +166,8 @@ def vllm_vs_vllm(
     config = load_target_config(model)
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(model))
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        base = ["--model", model, "--output-dir", f"{tmp}/out", "--hidden-states-dir", f"{tmp}/hidden", "--quiet"]
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir=captures_under) as captures:
+        base = ["--model", model, "--output-dir", f"{tmp}/out", "--hidden-states-dir", captures, "--quiet"]
         base += ["--max-length", str(min(2048, config.max_position_embeddings - 1))]
         printing = [*base, "--host", "127.0.0.1", f"--server-args={server_args}", "--print-server-command"]
         ours_command = server_command_for(parse_args(printing), port=free_port())
@@ -285,7 +291,8 @@ def _one_round(old, new, plain_url, name, renderer, concurrency, max_new_tokens,
 def print_vllm_table(width: str, model: str, rows: list[dict], args, load: tuple[float, float]) -> None:
     print(
         f"\n{width}: {model}; {args.samples} conversations per measurement, median of {args.repeats} rounds; "
-        f"load average {load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} CPUs)"
+        f"load average {load[0]:.1f} at start, {load[1]:.1f} at end ({os.cpu_count()} CPUs); "
+        f"captures under {args.captures_under or tempfile.gettempdir()}"
     )
     print(
         "| in flight | plain prefill tok/s | capture tok/s | capture ratio | plain gen tok/s "
@@ -322,6 +329,10 @@ def main() -> None:
     parser.add_argument(
         "--server-args", default="", help="--vllm: extra flags for BOTH servers, e.g. '--enforce-eager'"
     )
+    parser.add_argument(
+        "--captures-under",
+        help="--vllm: folder for the capture files (--hidden-states-dir), e.g. /dev/shm (default: the temp folder)",
+    )
     args = parser.parse_args()
     if args.vllm:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -330,7 +341,10 @@ def main() -> None:
         ]  # fmt: skip
         for width, model in targets:
             before = os.getloadavg()[0]
-            rows = vllm_vs_vllm(model, args.samples, concurrencies, args.repeats, args.max_new_tokens, args.server_args)
+            rows = vllm_vs_vllm(
+                model, args.samples, concurrencies, args.repeats, args.max_new_tokens, args.server_args,
+                args.captures_under,
+            )  # fmt: skip
             print_vllm_table(width, model, rows, args, (before, os.getloadavg()[0]))
         return
     sizes = {} if args.hidden_size == 128 else {"hidden_size": args.hidden_size}  # 128: the tests' cached target
