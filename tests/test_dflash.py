@@ -31,9 +31,9 @@ from eagle3.train.memory_model import estimate_dflash_peak_memory, target_shape
 from eagle3.train.model import DFlashDraftForTraining
 
 try:
-    from tests.train_data import Losses, StopAt, cached_store
+    from tests.train_data import Losses, StopAt, assert_resumed_equals_straight, cached_store
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from train_data import Losses, StopAt, cached_store
+    from train_data import Losses, StopAt, assert_resumed_equals_straight, cached_store
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 4
@@ -295,12 +295,7 @@ def test_resume_equals_uninterrupted(trained_target, tmp_path):
     train(args(tmp_path / "straight"))
     train(args(tmp_path / "interrupted"), callbacks=[StopAt(4)])
     train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
-    straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
-    resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert not torch.allclose(load_file(checkpoint / "model.safetensors")["fc.weight"], straight["fc.weight"])
+    assert_resumed_equals_straight(tmp_path / "straight", tmp_path / "interrupted", checkpoint)
 
 
 def test_online_equals_offline_and_collection_takes_the_dflash_layers(trained_target, tmp_path):

@@ -20,9 +20,9 @@ from eagle3.train.cli import main as run_train_main
 from eagle3.train.main import resolve_resume, train
 
 try:
-    from tests.train_data import StopAt, cached_store, wandb_offline_records
+    from tests.train_data import StopAt, assert_resumed_equals_straight, cached_store, wandb_offline_records
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from train_data import StopAt, cached_store, wandb_offline_records
+    from train_data import StopAt, assert_resumed_equals_straight, cached_store, wandb_offline_records
 
 FAST = [
     "--report_to",
@@ -234,13 +234,7 @@ def test_resume_equals_uninterrupted(data_dir, trained_target, tmp_path, batchin
     train(args(tmp_path / "interrupted"), callbacks=[StopAt(stop_at)])
     assert (checkpoint / "optimizer.pt").exists()
     train(args(tmp_path / "interrupted", "--resume_from_checkpoint", str(checkpoint)))
-    straight = load_file(tmp_path / "straight" / "final_model" / "model.safetensors")
-    resumed = load_file(tmp_path / "interrupted" / "final_model" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
-    fresh = load_file(checkpoint / "model.safetensors")
-    assert not torch.allclose(fresh["fc.weight"], straight["fc.weight"])  # the resume did train further
+    assert_resumed_equals_straight(tmp_path / "straight", tmp_path / "interrupted", checkpoint)
 
 
 def _rewritten_manifest(data_dir: Path, tmp_path: Path, **changes) -> Path:

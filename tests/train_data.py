@@ -145,6 +145,19 @@ def wandb_offline_records(run_file: str | Path):
             yield record
 
 
+def assert_resumed_equals_straight(straight_dir: Path, resumed_dir: Path, checkpoint: Path) -> None:
+    """The resumed run's final model equals the uninterrupted run's, tensor for tensor, and the
+    resume trained further than its checkpoint."""
+    from safetensors.torch import load_file
+
+    straight = load_file(straight_dir / "final_model" / "model.safetensors")
+    resumed = load_file(resumed_dir / "final_model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.allclose(load_file(checkpoint / "model.safetensors")["fc.weight"], straight["fc.weight"])
+
+
 class StopAt(TrainerCallback):
     """Save and stop after ``step`` optimizer steps (an interrupted run to resume)."""
 
